@@ -1,0 +1,87 @@
+//! The balance cache: each account's balance and its open holds (DESIGN §2).
+//!
+//! It never overstates money. A payment reserves (holds) on each account it draws from, with a
+//! lease; after the ledger commits, the hold is committed (removed, and the balance set to the
+//! ledger's balance after); on failure it is released. Balances only ever move to a *newer* ledger
+//! state: every balance carries the account's ledger sequence number, and a write with an older
+//! sequence is ignored, so out-of-order updates and reloads can leave the cache stale-low for a
+//! moment but never stale-high. Credits reach the cache only after the ledger committed them.
+//!
+//! Every operation touches exactly one account (one Redis hash tag), because family graphs overlap.
+
+pub mod memory;
+
+use crate::domain::Money;
+use crate::ledger::AccountId;
+use async_trait::async_trait;
+
+/// The cache could not answer. The settlement path fails closed (UNAVAILABLE).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("balance cache unavailable: {0}")]
+pub struct CacheUnavailable(pub String);
+
+pub type CacheResult<T> = Result<T, CacheUnavailable>;
+
+/// What the cache holds for one account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedBalance {
+    /// The ledger balance as of `seq`.
+    pub balance: Money,
+    /// Sum of open holds.
+    pub held: Money,
+    pub seq: i64,
+}
+
+impl CachedBalance {
+    pub fn available(&self) -> Money {
+        self.balance.saturating_sub(self.held)
+    }
+}
+
+/// Result of a reservation attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Held this much (possibly zero, then no hold exists).
+    Held(Money),
+    /// The account is not in the cache: load it from the ledger and try again.
+    NotLoaded,
+}
+
+/// A hold whose lease ran out: its owner crashed or is very late.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredHold {
+    pub account_id: AccountId,
+    pub hold_id: String,
+}
+
+#[async_trait]
+pub trait BalanceCache: Send + Sync + 'static {
+    async fn ping(&self) -> CacheResult<()>;
+    async fn get(&self, account_id: AccountId) -> CacheResult<Option<CachedBalance>>;
+    /// Installs a ledger balance unless the cache already has one as new or newer.
+    async fn load(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<()>;
+    /// Holds up to `want` of what is available, under `hold_id`, for `lease_ms`.
+    async fn reserve(
+        &self,
+        account_id: AccountId,
+        hold_id: &str,
+        want: Money,
+        lease_ms: u64,
+    ) -> CacheResult<Reserve>;
+    /// The ledger committed the debit: drop the hold and take the ledger's balance (if newer).
+    async fn commit_hold(
+        &self,
+        account_id: AccountId,
+        hold_id: &str,
+        balance_after: Money,
+        seq: i64,
+    ) -> CacheResult<()>;
+    /// The payment did not commit: drop the hold.
+    async fn release_hold(&self, account_id: AccountId, hold_id: &str) -> CacheResult<()>;
+    /// A committed change without a hold (credits, refunds): take the balance if the account is
+    /// cached and the sequence is newer; otherwise nothing (the next load reads the ledger).
+    async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64)
+        -> CacheResult<()>;
+    /// Holds whose lease ended before `now_ms` (Unix milliseconds), at most `limit`.
+    async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>>;
+}

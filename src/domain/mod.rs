@@ -1,0 +1,10 @@
+//! Pure domain types and rules: money, the vocabulary, regional policy and the deduction plan.
+//! No I/O, no tokio, no gRPC.
+
+pub mod money;
+pub mod plan;
+pub mod policy;
+pub mod types;
+
+pub use money::{Money, MoneyError};
+pub use types::*;

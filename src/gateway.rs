@@ -1,0 +1,92 @@
+//! The gateway's shared state: one cheap `Arc` handle that every request handler holds. Built by
+//! `app`, used by `settle`, `accounts` and `admin`; it knows no gRPC.
+
+use crate::cache::BalanceCache;
+use crate::clock::Clock;
+use crate::domain::policy::{Policies, RegionPolicy};
+use crate::error::{Failure, Outcome, Reason};
+use crate::ledger::{Ledger, PersonRecord};
+use crate::pin::PinHasher;
+use crate::settle::commit::Committer;
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use chrono_tz::Asia::Shanghai;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// Tunables of the settlement path, each with its unit in the name.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A hold's lease: after it, the sweeper settles the hold against the ledger.
+    pub hold_lease_ms: u64,
+    /// How long a payment waits for its ledger commit before answering UNAVAILABLE.
+    pub commit_timeout_ms: u64,
+    /// Writes gathered into one ledger transaction at most.
+    pub batch_len_max: usize,
+    /// Writes waiting for the committer at most; more wait to enqueue.
+    pub commit_queue_max: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            hold_lease_ms: 30_000,
+            commit_timeout_ms: 10_000,
+            batch_len_max: 256,
+            commit_queue_max: 4096,
+        }
+    }
+}
+
+pub struct Gateway {
+    pub ledger: Arc<dyn Ledger>,
+    pub cache: Arc<dyn BalanceCache>,
+    pub committer: Committer,
+    pub pins: PinHasher,
+    pub policies: Policies,
+    pub clock: Arc<dyn Clock>,
+    pub settings: Settings,
+}
+
+impl Gateway {
+    pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {
+        self.policies.region(region).ok_or_else(|| {
+            Failure::new(
+                Reason::Internal,
+                format!("no policy loaded for region {region}"),
+            )
+        })
+    }
+
+    pub async fn person(&self, psn_no: &str) -> Outcome<PersonRecord> {
+        self.ledger.person(psn_no).await?.ok_or_else(|| {
+            Failure::new(
+                Reason::UnknownPerson,
+                format!("person {} is not known", crate::domain::mask_psn_no(psn_no)),
+            )
+        })
+    }
+
+    /// A fresh identifier: prefix, Asia/Shanghai timestamp, 64 random bits. Unique across gateways.
+    pub fn new_id(&self, prefix: char) -> String {
+        let stamp = self
+            .clock
+            .now()
+            .with_timezone(&Shanghai)
+            .format("%Y%m%d%H%M%S");
+        format!("{prefix}{stamp}{:016x}", OsRng.next_u64())
+    }
+}
+
+/// Hex SHA-256 of the parts, separated so that ("ab","c") and ("a","bc") differ.
+pub fn digest(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,127 @@
+//! The ledger: the only authority on money (DESIGN §2).
+//!
+//! Double-entry and append-only: every transaction's postings sum to zero across personal and
+//! system accounts, and corrections are new transactions. The ledger itself refuses a personal
+//! balance below zero, in the same database transaction that writes the postings. Idempotency keys
+//! (an institution's request id) are unique in the ledger.
+//!
+//! Everything that moves money goes through [`Ledger::commit_batch`]: a batch of [`LedgerWrite`]s
+//! committed in one database transaction, each with its own outcome, so one refused write never
+//! fails the others. The group committer (`settle::commit`) decides what a batch is.
+
+mod records;
+pub mod sqlite;
+
+pub use records::*;
+
+use crate::domain::{AccountStatus, CardStatus, Money, Relation};
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+
+/// The ledger could not answer; nothing is known to have happened. Callers map this to
+/// UNAVAILABLE / BACKEND_UNAVAILABLE.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("ledger unavailable: {0}")]
+pub struct LedgerUnavailable(pub String);
+
+pub type LedgerResult<T> = Result<T, LedgerUnavailable>;
+
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Commits every write in one durable transaction; one outcome per write, same order.
+    /// `Err` means the whole batch is unknown to have committed (the connection failed); the
+    /// caller may retry each write, which is safe because every write is idempotent by key.
+    async fn commit_batch(&self, writes: Vec<LedgerWrite>) -> LedgerResult<Vec<WriteResult>>;
+
+    // --- reads ---
+    async fn ping(&self) -> LedgerResult<()>;
+    async fn person(&self, psn_no: &str) -> LedgerResult<Option<PersonRecord>>;
+    /// The payer, their accounts usable today in deduction order, PIN state and no-PIN use today.
+    async fn payer_context(
+        &self,
+        psn_no: &str,
+        today: NaiveDate,
+    ) -> LedgerResult<Option<PayerContext>>;
+    async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>>;
+    async fn settlement(&self, key: SettlementKey) -> LedgerResult<Option<SettlementRecord>>;
+    async fn refund_by_request(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+    ) -> LedgerResult<Option<RefundRecord>>;
+    /// True when a settlement with this id committed (the sweeper's question about a stale hold).
+    async fn settlement_committed(&self, setl_id: &str) -> LedgerResult<bool>;
+    /// Postings on one account, newest first, strictly below `before_entry` when given.
+    async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>>;
+    async fn family(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<FamilyView>;
+    async fn principal(&self, key_hash: &str) -> LedgerResult<Option<Principal>>;
+    async fn institution(&self, code: &str) -> LedgerResult<Option<InstitutionRecord>>;
+    /// Sum of personal balances, sum of system balances, and postings that do not balance.
+    async fn trial_balance(&self) -> LedgerResult<TrialBalance>;
+
+    // --- administrative writes, each its own transaction ---
+    async fn upsert_person(
+        &self,
+        person: PersonUpsert,
+        open_account: bool,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<PersonRecord>;
+    async fn register_institution(
+        &self,
+        institution: InstitutionRecord,
+        key: NewApiKey,
+    ) -> LedgerResult<Result<(), AlreadyExists>>;
+    async fn insert_api_key(&self, key: NewApiKey) -> LedgerResult<()>;
+    /// Stores a PIN hash. With `only_if_unset`, refuses when one is set already (SetPin).
+    /// Any store resets the failure count and the lock.
+    async fn store_pin(&self, psn_no: &str, phc: &str, only_if_unset: bool) -> LedgerResult<bool>;
+    /// Durably counts an attempt *before* it is verified, so concurrent guesses cannot exceed the
+    /// lockout count; [`Ledger::pin_attempt_succeeded`] clears it.
+    async fn pin_attempt_begin(
+        &self,
+        psn_no: &str,
+        today: NaiveDate,
+        lockout_failures: u32,
+    ) -> LedgerResult<PinAttempt>;
+    async fn pin_attempt_succeeded(&self, psn_no: &str) -> LedgerResult<()>;
+    async fn set_card_status(&self, psn_no: &str, status: CardStatus) -> LedgerResult<()>;
+    async fn set_no_pin_tier(&self, psn_no: &str, tier: Option<&str>) -> LedgerResult<()>;
+    async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()>;
+    async fn register_family(
+        &self,
+        link: NewFamilyLink,
+    ) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>>;
+    async fn revoke_family(
+        &self,
+        owner: &str,
+        member: &str,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<Option<FamilyLinkRecord>>;
+    /// Replaces the member's order; refused unless `owners` is exactly the member's active owners.
+    async fn set_deduction_order(&self, member: &str, owners: &[String]) -> LedgerResult<bool>;
+}
+
+/// Something that already exists (an institution code, an active family link).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlreadyExists;
+
+/// Outcome of a PIN attempt's durable count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinAttempt {
+    /// No PIN stored.
+    NotSet,
+    /// Locked until the given business date.
+    Locked { until: NaiveDate },
+    /// Counted: verify the PIN now. `failures` includes this attempt; `stored` is the PHC string's
+    /// row version so the caller verifies what it read.
+    Proceed { failures: u32 },
+}
+
+impl FamilyView {
+    pub fn relation_for(&self, owner: &str) -> Option<Relation> {
+        self.usable
+            .iter()
+            .find(|u| u.owner_psn_no == owner)
+            .map(|u| u.relation)
+    }
+}

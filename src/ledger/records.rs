@@ -1,0 +1,382 @@
+//! Plain records the ledger reads and writes. No behaviour beyond small helpers.
+
+use crate::domain::{
+    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus,
+    Money, PersonCategory, Relation, Role, SettlementStatus, TxnKind,
+};
+use chrono::{DateTime, NaiveDate, Utc};
+
+pub type AccountId = i64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub id: AccountId,
+    pub status: AccountStatus,
+    pub balance: Money,
+    /// Per-account posting counter: the cache takes a balance only if it is newer than its own.
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonRecord {
+    pub psn_no: String,
+    pub name: String,
+    pub birth_date: NaiveDate,
+    pub region: String,
+    pub category: PersonCategory,
+    pub status: InsuranceStatus,
+    pub card_status: CardStatus,
+    pub no_pin_tier: Option<String>,
+    pub pin_set: bool,
+    pub pin_locked_until: Option<NaiveDate>,
+    pub account: Option<AccountRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PersonUpsert {
+    pub psn_no: String,
+    pub name: String,
+    pub birth_date: NaiveDate,
+    pub region: String,
+    pub category: PersonCategory,
+    pub status: InsuranceStatus,
+}
+
+/// A family member's account the payer may draw on.
+#[derive(Debug, Clone)]
+pub struct FamilySource {
+    pub owner_psn_no: String,
+    pub relation: Relation,
+    pub effective_from: NaiveDate,
+    pub account: AccountRecord,
+}
+
+/// Everything the settlement path needs to know about a payer, read in one go.
+#[derive(Debug, Clone)]
+pub struct PayerContext {
+    pub person: PersonRecord,
+    /// Active links to owners in the payer's deduction order (effective or not yet; the caller
+    /// filters by date so that it can say why).
+    pub family: Vec<FamilySource>,
+    pub pin_phc: Option<String>,
+    pub pin_failures: u32,
+    /// Account money already drawn today by no-PIN-tier payments (not reversed).
+    pub no_pin_used_today: Money,
+}
+
+#[derive(Debug, Clone)]
+pub enum SettlementKey {
+    SetlId(String),
+    Request {
+        institution_code: String,
+        request_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebitLine {
+    pub account_id: AccountId,
+    pub owner_psn_no: String,
+    pub amount: Money,
+    pub family: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebitRecord {
+    pub account_id: AccountId,
+    pub owner_psn_no: String,
+    pub amount: Money,
+    pub refunded: Money,
+    pub family: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSettlement {
+    pub setl_id: String,
+    pub institution_code: String,
+    pub request_id: String,
+    /// Digest of the request's content (not the PIN): a replay must match it.
+    pub fingerprint: String,
+    pub psn_no: String,
+    pub amount: Money,
+    pub channel: Channel,
+    pub category: Category,
+    pub auth_method: AuthMethod,
+    pub mdtrt_id: String,
+    pub beneficiary_psn_no: String,
+    /// In deduction order; zero-amount lines are left out.
+    pub debits: Vec<DebitLine>,
+    /// The payer's own account, to report `balc` even when it gave nothing.
+    pub own_account: Option<AccountId>,
+    /// For a no-PIN-tier payment: the daily ceiling, re-checked inside the transaction.
+    pub no_pin_daily_max: Option<Money>,
+    pub business_date: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettlementRecord {
+    pub setl_id: String,
+    pub institution_code: String,
+    pub request_id: String,
+    pub fingerprint: String,
+    pub psn_no: String,
+    pub status: SettlementStatus,
+    pub amount: Money,
+    pub acct_pay: Money,
+    pub acct_mulaid_pay: Money,
+    pub psn_cash_pay: Money,
+    pub balc: Money,
+    pub refunded: Money,
+    pub channel: Option<Channel>,
+    pub category: Option<Category>,
+    pub auth_method: Option<AuthMethod>,
+    pub mdtrt_id: String,
+    pub beneficiary_psn_no: String,
+    pub settled_at: DateTime<Utc>,
+    pub debits: Vec<DebitRecord>,
+    /// A reversal arrived before (or instead of) the original: nothing was debited.
+    pub tombstone: bool,
+}
+
+impl SettlementRecord {
+    pub fn paid(&self) -> Money {
+        self.acct_pay
+            .checked_add(self.acct_mulaid_pay)
+            .expect("paid within range")
+    }
+
+    pub fn refundable(&self) -> Money {
+        if self.status == SettlementStatus::Reversed {
+            return Money::ZERO;
+        }
+        self.paid().saturating_sub(self.refunded)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRefund {
+    pub refund_id: String,
+    pub institution_code: String,
+    pub request_id: String,
+    pub fingerprint: String,
+    pub setl_id: String,
+    /// None: everything still refundable.
+    pub amount: Option<Money>,
+    pub business_date: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRecord {
+    pub refund_id: String,
+    pub institution_code: String,
+    pub request_id: String,
+    pub fingerprint: String,
+    pub setl_id: String,
+    pub amount: Money,
+    /// Last-drawn account first.
+    pub credits: Vec<DebitLine>,
+    pub settlement_status: SettlementStatus,
+    pub refunded_total: Money,
+    pub refundable: Money,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReverseCommand {
+    pub institution_code: String,
+    pub original_request_id: String,
+    /// Used for the tombstone when the original was never seen.
+    pub tombstone_setl_id: String,
+    pub business_date: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAdjustment {
+    pub request_id: String,
+    pub fingerprint: String,
+    pub psn_no: String,
+    pub account_id: AccountId,
+    /// Signed: positive credits the person, negative debits.
+    pub delta: Money,
+    pub reason: String,
+    pub value_date: NaiveDate,
+    pub business_date: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdjustmentRecord {
+    pub request_id: String,
+    pub fingerprint: String,
+    pub psn_no: String,
+    pub entry_id: i64,
+    pub delta: Money,
+    pub balance_after: Money,
+    pub at: DateTime<Utc>,
+}
+
+/// A write that moves money, committed through [`super::Ledger::commit_batch`].
+#[derive(Debug, Clone)]
+pub enum LedgerWrite {
+    Settle(NewSettlement),
+    Refund(NewRefund),
+    Reverse(ReverseCommand),
+    Adjust(NewAdjustment),
+}
+
+/// A personal account's balance after a committed write, for the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalanceChange {
+    pub account_id: AccountId,
+    pub balance_after: Money,
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    Settled {
+        record: SettlementRecord,
+        changes: Vec<BalanceChange>,
+    },
+    /// The key was committed before; here is what it holds (the caller compares fingerprints).
+    SettlementExists(SettlementRecord),
+    Refunded {
+        record: RefundRecord,
+        changes: Vec<BalanceChange>,
+    },
+    RefundExists(RefundRecord),
+    /// Reversal done (or a tombstone written, or it was reversed already: `changes` empty).
+    Reversed {
+        record: SettlementRecord,
+        changes: Vec<BalanceChange>,
+    },
+    Adjusted {
+        record: AdjustmentRecord,
+        changes: Vec<BalanceChange>,
+    },
+    AdjustmentExists(AdjustmentRecord),
+}
+
+/// Why the ledger refused one write. Nothing of it was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteDecline {
+    /// A reversal tombstone holds this request id.
+    OriginalReversed,
+    NotFound,
+    RefundExceedsPaid {
+        refundable: Money,
+    },
+    /// The ledger's own non-negative check refused the debit.
+    InsufficientBalance {
+        account_id: AccountId,
+    },
+    AccountNotOpen {
+        account_id: AccountId,
+        status: AccountStatus,
+    },
+    NoPinDailyExceeded {
+        used: Money,
+    },
+    /// The request id is taken by a different kind of request.
+    RequestIdReused,
+}
+
+pub type WriteResult = Result<WriteOutcome, WriteDecline>;
+
+#[derive(Debug, Clone)]
+pub struct EntryQuery {
+    pub account_id: AccountId,
+    pub from: Option<NaiveDate>,
+    pub to: Option<NaiveDate>,
+    pub before_entry: Option<i64>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRecord {
+    pub entry_id: i64,
+    pub kind: TxnKind,
+    /// True when somebody else (a family member) drew on this account.
+    pub family_use: bool,
+    pub amount: Money,
+    pub balance_after: Money,
+    pub at: DateTime<Utc>,
+    pub value_date: NaiveDate,
+    pub setl_id: String,
+    pub counterparty: String,
+    pub memo: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyLinkRecord {
+    pub owner_psn_no: String,
+    pub member_psn_no: String,
+    pub relation: Relation,
+    pub effective_from: NaiveDate,
+    pub registered_at: DateTime<Utc>,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewFamilyLink {
+    pub owner_psn_no: String,
+    pub member_psn_no: String,
+    pub relation: Relation,
+    pub effective_from: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsableRecord {
+    pub owner_psn_no: String,
+    pub relation: Relation,
+    pub effective_from: NaiveDate,
+    pub account_status: AccountStatus,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FamilyView {
+    /// People this person registered (who may draw on this person's account).
+    pub members: Vec<FamilyLinkRecord>,
+    /// Owners whose accounts this person may draw on, in this person's deduction order.
+    pub usable: Vec<UsableRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstitutionRecord {
+    pub code: String,
+    pub name: String,
+    pub kind: InstitutionKind,
+    pub region: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub key_hash: String,
+    pub key_id: String,
+    pub role: Role,
+    pub institution_code: Option<String>,
+    pub label: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Who a bearer key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: String,
+    pub role: Role,
+    pub institution: Option<InstitutionRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrialBalance {
+    pub personal: Money,
+    pub system: Money,
+    /// Transactions whose postings do not sum to zero (must be 0).
+    pub unbalanced_txns: i64,
+    /// Personal accounts whose stored balance differs from the sum of their postings (must be 0).
+    pub drifted_accounts: i64,
+}

@@ -1,0 +1,213 @@
+//! AdminService: operator work. Money-in methods (crediting, interest, transfers, liquidation)
+//! belong to a later issue and answer UNIMPLEMENTED.
+
+use super::convert;
+use super::error::unimplemented;
+use super::pb::{self, admin_service_server::AdminService};
+use super::Services;
+use crate::admin::{self, AdjustCommand};
+use crate::domain::{AccountStatus, Role};
+use crate::error::Outcome;
+use crate::ledger::{PersonRecord, PersonUpsert};
+use crate::pin::Secret;
+use tonic::{Request, Response, Status};
+
+impl Services {
+    async fn operator<T>(&self, request: &Request<T>) -> Outcome<()> {
+        let caller = self.caller(request).await?;
+        caller.require(&[Role::Operator])
+    }
+}
+
+fn person_to_pb(person: &PersonRecord) -> pb::Person {
+    pb::Person {
+        psn_no: person.psn_no.clone(),
+        name: person.name.clone(),
+        birth_date: person.birth_date.to_string(),
+        region: person.region.clone(),
+        category: convert::person_category_to_pb(person.category) as i32,
+        status: convert::insurance_status_to_pb(person.status) as i32,
+        account_status: convert::account_status_to_pb(person.account.as_ref().map(|a| a.status))
+            as i32,
+        balance: person
+            .account
+            .as_ref()
+            .map(|a| a.balance)
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Services {
+    async fn upsert_person(
+        &self,
+        request: Request<pb::UpsertPersonRequest>,
+    ) -> Result<Response<pb::Person>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let upsert = PersonUpsert {
+            psn_no: convert::psn_no("psn_no", &body.psn_no)?,
+            name: convert::text("name", &body.name, true)?,
+            birth_date: convert::date("birth_date", &body.birth_date)?,
+            region: convert::region("region", &body.region)?,
+            category: convert::person_category(body.category)?,
+            status: convert::insurance_status(body.status)?,
+        };
+        let person = admin::upsert_person(&self.gateway, upsert).await?;
+        Ok(Response::new(person_to_pb(&person)))
+    }
+
+    async fn register_institution(
+        &self,
+        request: Request<pb::RegisterInstitutionRequest>,
+    ) -> Result<Response<pb::RegisterInstitutionResponse>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let code = convert::psn_no("code", &body.code)?;
+        let name = convert::text("name", &body.name, true)?;
+        let kind = convert::institution_kind(body.kind)?;
+        let region = convert::region("region", &body.region)?;
+        let api_key =
+            admin::register_institution(&self.gateway, &code, &name, kind, &region).await?;
+        tracing::info!(%code, %kind, "institution registered");
+        Ok(Response::new(pb::RegisterInstitutionResponse {
+            code,
+            api_key,
+        }))
+    }
+
+    async fn issue_api_key(
+        &self,
+        request: Request<pb::IssueApiKeyRequest>,
+    ) -> Result<Response<pb::IssueApiKeyResponse>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let role = convert::role(body.role)?;
+        let label = convert::text("label", &body.label, true)?;
+        let (key_id, api_key) = admin::issue_api_key(&self.gateway, role, &label).await?;
+        tracing::info!(%key_id, %role, "API key issued");
+        Ok(Response::new(pb::IssueApiKeyResponse { key_id, api_key }))
+    }
+
+    async fn adjust(
+        &self,
+        request: Request<pb::AdjustRequest>,
+    ) -> Result<Response<pb::AdjustResponse>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let credit = match pb::AdjustDirection::try_from(body.direction) {
+            Ok(pb::AdjustDirection::Credit) => true,
+            Ok(pb::AdjustDirection::Debit) => false,
+            _ => {
+                return Err(crate::error::Failure::invalid(
+                    "direction",
+                    "is required (ADJUST_DIRECTION_CREDIT or _DEBIT)",
+                )
+                .into())
+            }
+        };
+        let command = AdjustCommand {
+            request_id: convert::request_id("request_id", &body.request_id)?,
+            psn_no: convert::psn_no("psn_no", &body.psn_no)?,
+            amount: convert::money("amount", &body.amount)?,
+            credit,
+            reason: convert::text("reason", &body.reason, true)?,
+            value_date: convert::optional_date("value_date", &body.value_date)?,
+        };
+        let record = admin::adjust(&self.gateway, command).await?;
+        tracing::info!(request_id = %record.request_id, delta = %record.delta, "adjusted");
+        Ok(Response::new(pb::AdjustResponse {
+            entry_id: record.entry_id.to_string(),
+            psn_no: record.psn_no,
+            amount: record.delta.to_string(),
+            balance: record.balance_after.to_string(),
+            at: convert::timestamp(record.at),
+        }))
+    }
+
+    async fn record_contribution(
+        &self,
+        _: Request<pb::RecordContributionRequest>,
+    ) -> Result<Response<pb::RecordContributionResponse>, Status> {
+        Err(unimplemented("RecordContribution"))
+    }
+
+    async fn run_monthly_credit(
+        &self,
+        _: Request<pb::RunMonthlyCreditRequest>,
+    ) -> Result<Response<pb::RunMonthlyCreditResponse>, Status> {
+        Err(unimplemented("RunMonthlyCredit"))
+    }
+
+    async fn accrue_interest(
+        &self,
+        _: Request<pb::AccrueInterestRequest>,
+    ) -> Result<Response<pb::AccrueInterestResponse>, Status> {
+        Err(unimplemented("AccrueInterest"))
+    }
+
+    async fn set_interest_rate(
+        &self,
+        _: Request<pb::SetInterestRateRequest>,
+    ) -> Result<Response<pb::SetInterestRateResponse>, Status> {
+        Err(unimplemented("SetInterestRate"))
+    }
+
+    async fn transfer_out(
+        &self,
+        _: Request<pb::TransferOutRequest>,
+    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+        Err(unimplemented("TransferOut"))
+    }
+
+    async fn transfer_in(
+        &self,
+        _: Request<pb::TransferInRequest>,
+    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+        Err(unimplemented("TransferIn"))
+    }
+
+    async fn liquidate(
+        &self,
+        _: Request<pb::LiquidateRequest>,
+    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+        Err(unimplemented("Liquidate"))
+    }
+
+    async fn reset_pin(
+        &self,
+        request: Request<pb::ResetPinRequest>,
+    ) -> Result<Response<pb::ResetPinResponse>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
+        crate::accounts::reset_pin(&self.gateway, &psn_no, &Secret::new(body.new_pin.clone()))
+            .await?;
+        tracing::info!(psn_no = %crate::domain::mask_psn_no(&psn_no), "PIN reset by an operator");
+        Ok(Response::new(pb::ResetPinResponse { psn_no }))
+    }
+
+    async fn freeze_account(
+        &self,
+        request: Request<pb::FreezeAccountRequest>,
+    ) -> Result<Response<pb::Person>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
+        convert::text("reason", &body.reason, false)?;
+        let person =
+            admin::set_account_status(&self.gateway, &psn_no, AccountStatus::Frozen).await?;
+        Ok(Response::new(person_to_pb(&person)))
+    }
+
+    async fn unfreeze_account(
+        &self,
+        request: Request<pb::UnfreezeAccountRequest>,
+    ) -> Result<Response<pb::Person>, Status> {
+        self.operator(&request).await?;
+        let psn_no = convert::psn_no("psn_no", &request.get_ref().psn_no)?;
+        let person = admin::set_account_status(&self.gateway, &psn_no, AccountStatus::Open).await?;
+        Ok(Response::new(person_to_pb(&person)))
+    }
+}

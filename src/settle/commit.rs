@@ -1,0 +1,63 @@
+//! Group commit (DESIGN §2): one committer task takes whatever writes queued while the previous
+//! ledger commit was in flight — no timer, so an idle gateway pays one commit of latency and a busy
+//! one amortises it — and commits them as one batch, each with its own outcome.
+
+use crate::ledger::{Ledger, LedgerResult, LedgerUnavailable, LedgerWrite, WriteResult};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+type Job = (LedgerWrite, oneshot::Sender<LedgerResult<WriteResult>>);
+
+#[derive(Clone)]
+pub struct Committer {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Starts the committer task on the current runtime. It ends when every `Committer` clone
+    /// is dropped and the queue is drained.
+    pub fn start(ledger: Arc<dyn Ledger>, batch_len_max: usize, queue_max: usize) -> Committer {
+        assert!(batch_len_max >= 1 && queue_max >= 1);
+        let (queue, mut jobs) = mpsc::channel::<Job>(queue_max);
+        tokio::spawn(async move {
+            let mut batch: Vec<Job> = Vec::with_capacity(batch_len_max);
+            while let Some(first) = jobs.recv().await {
+                batch.push(first);
+                while batch.len() < batch_len_max {
+                    match jobs.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let (writes, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                let count = writes.len();
+                match ledger.commit_batch(writes).await {
+                    Ok(results) => {
+                        assert_eq!(results.len(), count, "one outcome per write");
+                        for (reply, result) in replies.into_iter().zip(results) {
+                            let _ = reply.send(Ok(result));
+                        }
+                    }
+                    Err(error) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Committer { queue }
+    }
+
+    /// Queues one write and waits for its outcome.
+    pub async fn commit(&self, write: LedgerWrite) -> LedgerResult<WriteResult> {
+        let (reply, outcome) = oneshot::channel();
+        self.queue
+            .send((write, reply))
+            .await
+            .map_err(|_| LedgerUnavailable("committer stopped".into()))?;
+        outcome
+            .await
+            .map_err(|_| LedgerUnavailable("committer stopped".into()))?
+    }
+}

@@ -1,0 +1,188 @@
+//! The critical section: reserve holds on each account in deduction order, commit to the ledger,
+//! then finalize the holds. It runs in its own task (see `settle::run`), so it always completes or
+//! compensates, whatever happens to the request that started it.
+//!
+//! Holds are per account (one Redis hash tag each), the "balancing debits" shape: a multi-account
+//! payment is a sequence of single-account holds with compensation, never one script over many.
+
+use super::Source;
+use crate::cache::Reserve;
+use crate::domain::{Money, PayMode};
+use crate::error::{Failure, Outcome, Reason};
+use crate::gateway::Gateway;
+use crate::ledger::{
+    DebitLine, LedgerWrite, NewSettlement, SettlementRecord, WriteDecline, WriteOutcome,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Reserves up to `draw_max` over `sources`, commits, finalizes. Returns the committed record (or
+/// the record already committed under the same request id, for the caller to compare).
+pub async fn run(
+    gateway: Arc<Gateway>,
+    mut new: NewSettlement,
+    sources: Vec<Source>,
+    draw_max: Money,
+    mode: PayMode,
+) -> Outcome<SettlementRecord> {
+    let hold_id = new.setl_id.clone();
+    let mut holds: Vec<(i64, Money)> = Vec::new();
+    let mut left = draw_max;
+    for source in &sources {
+        if left.is_zero() {
+            break;
+        }
+        match reserve_one(&gateway, source, &hold_id, left).await {
+            Ok(held) if held.is_zero() => {}
+            Ok(held) => {
+                holds.push((source.account.id, held));
+                new.debits.push(DebitLine {
+                    account_id: source.account.id,
+                    owner_psn_no: source.owner_psn_no.clone(),
+                    amount: held,
+                    family: source.family,
+                });
+                left = left.checked_sub(held).expect("held <= left");
+            }
+            Err(failure) => {
+                release_all(&gateway, &holds, &hold_id).await;
+                return Err(failure);
+            }
+        }
+    }
+    if mode == PayMode::FullOnly && !left.is_zero() {
+        // Balances moved between plan and reserve: all or nothing.
+        release_all(&gateway, &holds, &hold_id).await;
+        return Err(Failure::new(
+            Reason::InsufficientBalance,
+            "the accounts cannot cover this full-only payment",
+        ));
+    }
+
+    let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
+    let committed =
+        tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Settle(new))).await;
+    let result = match committed {
+        Ok(Ok(result)) => result,
+        // The outcome is unknown: the batch may have committed. Leave the holds; the sweeper
+        // settles them against the ledger when their lease ends, so the cache never overstates.
+        Ok(Err(unavailable)) => return Err(unavailable.into()),
+        Err(_elapsed) => {
+            return Err(Failure::new(
+                Reason::BackendUnavailable,
+                "the ledger did not answer in time",
+            ))
+        }
+    };
+    match result {
+        Ok(WriteOutcome::Settled { record, changes }) => {
+            for change in changes {
+                if let Err(error) = gateway
+                    .cache
+                    .commit_hold(
+                        change.account_id,
+                        &hold_id,
+                        change.balance_after,
+                        change.seq,
+                    )
+                    .await
+                {
+                    // The hold stays until the sweeper finds it committed; money is safe.
+                    tracing::warn!(%error, setl_id = %record.setl_id, "could not finalize a hold");
+                }
+            }
+            Ok(record)
+        }
+        Ok(WriteOutcome::SettlementExists(existing)) => {
+            release_all(&gateway, &holds, &hold_id).await;
+            Ok(existing)
+        }
+        Ok(other) => unreachable!("a settlement write answered {other:?}"),
+        Err(decline) => {
+            release_all(&gateway, &holds, &hold_id).await;
+            Err(decline_failure(decline))
+        }
+    }
+}
+
+async fn reserve_one(
+    gateway: &Gateway,
+    source: &Source,
+    hold_id: &str,
+    want: Money,
+) -> Outcome<Money> {
+    let lease_ms = gateway.settings.hold_lease_ms;
+    match gateway
+        .cache
+        .reserve(source.account.id, hold_id, want, lease_ms)
+        .await?
+    {
+        Reserve::Held(amount) => Ok(amount),
+        Reserve::NotLoaded => {
+            // Flushed or evicted since planning: reload from the ledger, then try once more.
+            let (balance, seq) = gateway
+                .ledger
+                .account_balance(source.account.id)
+                .await?
+                .ok_or_else(|| {
+                    Failure::new(Reason::Internal, "account vanished from the ledger")
+                })?;
+            gateway.cache.load(source.account.id, balance, seq).await?;
+            match gateway
+                .cache
+                .reserve(source.account.id, hold_id, want, lease_ms)
+                .await?
+            {
+                Reserve::Held(amount) => Ok(amount),
+                Reserve::NotLoaded => Err(Failure::new(
+                    Reason::BackendUnavailable,
+                    "the balance cache keeps losing the account",
+                )),
+            }
+        }
+    }
+}
+
+/// Compensation: drop every hold taken. A failure here leaves the hold to the sweeper.
+pub async fn release_all(gateway: &Gateway, holds: &[(i64, Money)], hold_id: &str) {
+    for (account_id, _) in holds {
+        if let Err(error) = gateway.cache.release_hold(*account_id, hold_id).await {
+            tracing::warn!(%error, hold_id, "could not release a hold; the sweeper will");
+        }
+    }
+}
+
+pub fn decline_failure(decline: WriteDecline) -> Failure {
+    match decline {
+        WriteDecline::OriginalReversed => Failure::new(
+            Reason::OriginalReversed,
+            "this request was reversed (冲正) and cannot be settled",
+        ),
+        WriteDecline::NotFound => {
+            Failure::new(Reason::NotFound, "no such settlement for this institution")
+        }
+        WriteDecline::RefundExceedsPaid { refundable } => Failure::new(
+            Reason::RefundExceedsPaid,
+            format!("the refund exceeds what is still refundable ({refundable})"),
+        )
+        .with_metadata("refundable", refundable),
+        WriteDecline::InsufficientBalance { .. } => Failure::new(
+            Reason::InsufficientBalance,
+            "the ledger refused: the balance is not sufficient",
+        ),
+        WriteDecline::AccountNotOpen { status, .. } => match status {
+            crate::domain::AccountStatus::Frozen => {
+                Failure::new(Reason::AccountFrozen, "an account to debit is frozen")
+            }
+            _ => Failure::new(Reason::AccountClosed, "an account to debit is closed"),
+        },
+        WriteDecline::NoPinDailyExceeded { .. } => Failure::new(
+            Reason::PinRequired,
+            "the no-PIN daily ceiling is reached; this payment needs the PIN",
+        ),
+        WriteDecline::RequestIdReused => Failure::new(
+            Reason::RequestIdReused,
+            "request_id was used before for a different request",
+        ),
+    }
+}

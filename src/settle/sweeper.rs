@@ -1,0 +1,83 @@
+//! The hold sweeper: settles holds whose lease ran out (a gateway crashed between reserve and
+//! commit, or its ledger commit outcome was unknown) against the ledger — commit the hold if the
+//! ledger has the settlement, release it if not (DESIGN §2).
+
+use crate::cache::memory::unix_ms;
+use crate::gateway::Gateway;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Expired holds handled per pass at most.
+const SWEEP_BATCH_MAX: usize = 256;
+
+/// One pass; returns how many holds it settled.
+pub async fn sweep_once(gateway: &Gateway) -> usize {
+    let expired = match gateway
+        .cache
+        .expired_holds(unix_ms(), SWEEP_BATCH_MAX)
+        .await
+    {
+        Ok(expired) => expired,
+        Err(error) => {
+            tracing::warn!(%error, "sweeper cannot list holds");
+            return 0;
+        }
+    };
+    let mut settled = 0;
+    for hold in expired {
+        let committed = match gateway.ledger.settlement_committed(&hold.hold_id).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::warn!(%error, "sweeper cannot reach the ledger");
+                return settled;
+            }
+        };
+        let outcome = if committed {
+            match gateway.ledger.account_balance(hold.account_id).await {
+                Ok(Some((balance, seq))) => {
+                    gateway
+                        .cache
+                        .commit_hold(hold.account_id, &hold.hold_id, balance, seq)
+                        .await
+                }
+                Ok(None) => {
+                    gateway
+                        .cache
+                        .release_hold(hold.account_id, &hold.hold_id)
+                        .await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "sweeper cannot reach the ledger");
+                    return settled;
+                }
+            }
+        } else {
+            gateway
+                .cache
+                .release_hold(hold.account_id, &hold.hold_id)
+                .await
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(hold_id = %hold.hold_id, committed, "sweeper settled an expired hold");
+                settled += 1;
+            }
+            Err(error) => tracing::warn!(%error, "sweeper cannot update the cache"),
+        }
+    }
+    settled
+}
+
+/// Runs passes every `interval` until the gateway is dropped.
+pub fn spawn(gateway: std::sync::Weak<Gateway>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            let Some(gateway): Option<Arc<Gateway>> = gateway.upgrade() else {
+                break;
+            };
+            sweep_once(&gateway).await;
+        }
+    })
+}
