@@ -1,6 +1,7 @@
 //! Operator work (AdminService): people, institutions, API keys, audited adjustments, PIN resets,
 //! freezing. No gRPC here.
 
+use crate::cache::memory::unix_ms;
 use crate::cache::Reserve;
 use crate::domain::{AccountStatus, InstitutionKind, Money, Role};
 use crate::error::{Failure, Outcome, Reason};
@@ -150,8 +151,14 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
     } else {
         command.amount.negated()
     };
+    let debit = delta.is_negative();
+    // A fresh hold id per attempt: a retried or concurrent duplicate never shares (and so never
+    // releases) another attempt's hold; the ledger records it so the sweeper can resolve it.
+    let hold_id = gateway.new_id('A');
     let new = NewAdjustment {
         request_id: command.request_id.clone(),
+        hold_id: hold_id.clone(),
+        hold_deadline_ms: debit.then(|| unix_ms() + gateway.settings.hold_lease_ms),
         fingerprint: fingerprint.clone(),
         psn_no: command.psn_no.clone(),
         account_id: account.id,
@@ -163,8 +170,6 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
     };
     let gateway = gateway.clone();
     let task = tokio::spawn(async move {
-        let hold_id = format!("adjust:{}", new.request_id);
-        let debit = new.delta.is_negative();
         if debit {
             if gateway.cache.get(account.id).await?.is_none() {
                 gateway
@@ -190,6 +195,7 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
             }
         }
         let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
+        // On a timeout or an unknown outcome the hold stays for the sweeper.
         let result =
             tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Adjust(new)))
                 .await
@@ -199,10 +205,11 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
                         "the ledger did not answer in time",
                     )
                 })??;
-        match result {
-            Ok(WriteOutcome::Adjusted { record, changes }) => {
+        let finalized = match &result {
+            Ok(WriteOutcome::Adjusted { changes, .. }) => {
+                let mut finalized = Ok(());
                 for change in changes {
-                    if debit {
+                    finalized = if debit {
                         gateway
                             .cache
                             .commit_hold(
@@ -211,34 +218,34 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
                                 change.balance_after,
                                 change.seq,
                             )
-                            .await?;
+                            .await
                     } else {
                         gateway
                             .cache
                             .apply(change.account_id, change.balance_after, change.seq)
-                            .await?;
-                    }
+                            .await
+                    };
                 }
-                Ok(record)
+                finalized
             }
-            other => {
-                if debit {
-                    gateway.cache.release_hold(account.id, &hold_id).await?;
-                }
-                match other {
-                    Ok(WriteOutcome::AdjustmentExists(existing))
-                        if existing.fingerprint == fingerprint =>
-                    {
-                        Ok(existing)
-                    }
-                    Ok(WriteOutcome::AdjustmentExists(_)) => Err(Failure::new(
-                        Reason::RequestIdReused,
-                        "request_id was used before for a different adjustment",
-                    )),
-                    Ok(other) => unreachable!("an adjustment answered {other:?}"),
-                    Err(decline) => Err(crate::settle::reserve::decline_failure(decline)),
-                }
+            _ if debit => gateway.cache.release_hold(account.id, &hold_id).await,
+            _ => Ok(()),
+        };
+        if let Err(error) = finalized {
+            // Committed or not, the answer stands; the sweeper or the next load mends the cache.
+            tracing::warn!(%error, "could not finalize an adjustment's hold");
+        }
+        match result {
+            Ok(WriteOutcome::Adjusted { record, .. }) => Ok(record),
+            Ok(WriteOutcome::AdjustmentExists(existing)) if existing.fingerprint == fingerprint => {
+                Ok(existing)
             }
+            Ok(WriteOutcome::AdjustmentExists(_)) => Err(Failure::new(
+                Reason::RequestIdReused,
+                "request_id was used before for a different adjustment",
+            )),
+            Ok(other) => unreachable!("an adjustment answered {other:?}"),
+            Err(decline) => Err(crate::settle::reserve::decline_failure(decline)),
         }
     });
     task.await

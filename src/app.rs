@@ -46,8 +46,10 @@ pub struct App {
     pub auth: Arc<Authenticator>,
 }
 
-/// The pepper: from the config, or else a random one kept in `data_dir/pin_pepper` (mode 0600),
-/// created on first start. Losing it makes every stored PIN unverifiable.
+/// The pepper: from the config, or else a random one kept in `data_dir/pin_pepper` (created with
+/// mode 0600) on first start — convenient for the embedded default; production passes it from a
+/// file or the environment kept apart from the ledger's backups. Losing it makes every stored PIN
+/// unverifiable.
 fn pepper(config: &Config) -> Result<Vec<u8>, StartError> {
     if !config.pepper.is_empty() {
         return Ok(config.pepper.clone());
@@ -62,12 +64,11 @@ fn pepper(config: &Config) -> Result<Vec<u8>, StartError> {
     let mut bytes = [0u8; 32];
     OsRng.fill_bytes(&mut bytes);
     let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&path, &text)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&path)?, text.as_bytes())?;
     tracing::warn!(path = %path.display(), "generated a new PIN pepper; back it up with the ledger");
     Ok(text.into_bytes())
 }

@@ -132,7 +132,7 @@ fn partial_leaves_the_rest_to_cash_and_full_only_is_all_or_nothing() {
             "INSUFFICIENT_BALANCE",
         );
         assert_eq!(
-            gw.balance(&"P1").await,
+            gw.balance("P1").await,
             ("20.00".into(), "20.00".into()),
             "a refused payment changes nothing"
         );

@@ -49,8 +49,9 @@ pub trait Ledger: Send + Sync + 'static {
         institution_code: &str,
         request_id: &str,
     ) -> LedgerResult<Option<RefundRecord>>;
-    /// True when a settlement with this id committed (the sweeper's question about a stale hold).
-    async fn settlement_committed(&self, setl_id: &str) -> LedgerResult<bool>;
+    /// True when the write that took this hold committed (a settlement's `setl_id`, or a debit
+    /// adjustment's hold id): the sweeper's question about a hold whose lease ended.
+    async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool>;
     /// Postings on one account, newest first, strictly below `before_entry` when given.
     async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>>;
     async fn family(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<FamilyView>;
@@ -112,8 +113,7 @@ pub enum PinAttempt {
     NotSet,
     /// Locked until the given business date.
     Locked { until: NaiveDate },
-    /// Counted: verify the PIN now. `failures` includes this attempt; `stored` is the PHC string's
-    /// row version so the caller verifies what it read.
+    /// Counted: verify the PIN now. `failures` includes this attempt.
     Proceed { failures: u32 },
 }
 

@@ -52,7 +52,7 @@ pub struct FamilySource {
 }
 
 /// Everything the settlement path needs to know about a payer, read in one go.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PayerContext {
     pub person: PersonRecord,
     /// Active links to owners in the payer's deduction order (effective or not yet; the caller
@@ -62,6 +62,18 @@ pub struct PayerContext {
     pub pin_failures: u32,
     /// Account money already drawn today by no-PIN-tier payments (not reversed).
     pub no_pin_used_today: Money,
+}
+
+impl std::fmt::Debug for PayerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayerContext")
+            .field("person", &self.person)
+            .field("family", &self.family)
+            .field("pin_phc", &self.pin_phc.as_ref().map(|_| "****"))
+            .field("pin_failures", &self.pin_failures)
+            .field("no_pin_used_today", &self.no_pin_used_today)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +122,9 @@ pub struct NewSettlement {
     pub own_account: Option<AccountId>,
     /// For a no-PIN-tier payment: the daily ceiling, re-checked inside the transaction.
     pub no_pin_daily_max: Option<Money>,
+    /// Unix ms after which the ledger refuses this write: the first hold's lease end. The sweeper
+    /// releases holds only after it, so a late commit can never land behind a released hold.
+    pub hold_deadline_ms: Option<u64>,
     pub business_date: NaiveDate,
     pub at: DateTime<Utc>,
 }
@@ -196,6 +211,9 @@ pub struct ReverseCommand {
 #[derive(Debug, Clone)]
 pub struct NewAdjustment {
     pub request_id: String,
+    /// The cache hold of a debit (unique per attempt), so the sweeper can find it in the ledger.
+    pub hold_id: String,
+    pub hold_deadline_ms: Option<u64>,
     pub fingerprint: String,
     pub psn_no: String,
     pub account_id: AccountId,
@@ -282,6 +300,8 @@ pub enum WriteDecline {
     },
     /// The request id is taken by a different kind of request.
     RequestIdReused,
+    /// The write arrived after its holds' lease ended; nothing was applied.
+    HoldExpired,
 }
 
 pub type WriteResult = Result<WriteOutcome, WriteDecline>;

@@ -188,6 +188,11 @@ fn col_opt_enum<T>(row: &Row, index: usize, parse: fn(&str) -> Option<T>) -> Sql
         .transpose()
 }
 
+/// True when a write's hold deadline has passed (the ledger machine's clock).
+fn deadline_passed(deadline_ms: Option<u64>) -> bool {
+    deadline_ms.is_some_and(|deadline| crate::cache::memory::unix_ms() > deadline)
+}
+
 fn is_constraint(error: &rusqlite::Error) -> bool {
     matches!(error, rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::ConstraintViolation)
 }
@@ -535,6 +540,9 @@ impl Writer<'_, '_> {
         }
         if load_refund(self.tx, &new.institution_code, &new.request_id)?.is_some() {
             return Ok(Err(WriteDecline::RequestIdReused));
+        }
+        if deadline_passed(new.hold_deadline_ms) {
+            return Ok(Err(WriteDecline::HoldExpired));
         }
         let drawn = Money::sum(new.debits.iter().map(|d| d.amount));
         if let Some(daily_max) = new.no_pin_daily_max {
@@ -893,6 +901,9 @@ impl Writer<'_, '_> {
         if let Some(existing) = load_adjustment(self.tx, &new.request_id)? {
             return Ok(Ok(WriteOutcome::AdjustmentExists(existing)));
         }
+        if deadline_passed(new.hold_deadline_ms) {
+            return Ok(Err(WriteDecline::HoldExpired));
+        }
         let txn_id = self.new_txn(
             TxnKind::Adjustment,
             &new.request_id,
@@ -924,11 +935,12 @@ impl Writer<'_, '_> {
         self.close_txn(txn_id)?;
         self.tx
             .prepare_cached(
-                "INSERT INTO adjustments (request_id, fingerprint, psn_no, posting_id, delta_fen, balance_after_fen, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO adjustments (request_id, hold_id, fingerprint, psn_no, posting_id, delta_fen, balance_after_fen, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 new.request_id,
+                new.hold_id,
                 new.fingerprint,
                 new.psn_no,
                 posting_id,
@@ -1060,13 +1072,16 @@ impl Ledger for SqliteLedger {
         self.read(move |conn| load_refund(conn, &code, &id)).await
     }
 
-    async fn settlement_committed(&self, setl_id: &str) -> LedgerResult<bool> {
-        let setl_id = setl_id.to_string();
+    async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool> {
+        let hold_id = hold_id.to_string();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT 1 FROM settlements WHERE setl_id = ?1 AND tombstone = 0")?
-                .query_row([setl_id], |_| Ok(()))
-                .optional()
-                .map(|found| found.is_some())
+            conn.prepare_cached(
+                "SELECT 1 FROM settlements WHERE setl_id = ?1 AND tombstone = 0
+                 UNION ALL SELECT 1 FROM adjustments WHERE hold_id = ?1 AND hold_id <> ''",
+            )?
+            .query_row([hold_id], |_| Ok(()))
+            .optional()
+            .map(|found| found.is_some())
         })
         .await
     }

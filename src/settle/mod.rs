@@ -241,7 +241,7 @@ async fn run(
     }
 
     let new = NewSettlement {
-        setl_id: gateway.new_id('S'),
+        setl_id: String::new(), // each attempt of the critical section takes a fresh one
         institution_code: institution.code.clone(),
         request_id: command.request_id.clone(),
         fingerprint: fingerprint.clone(),
@@ -255,6 +255,7 @@ async fn run(
         debits: Vec::new(),
         own_account: context.person.account.as_ref().map(|a| a.id),
         no_pin_daily_max: decision.no_pin_daily_max,
+        hold_deadline_ms: None,
         business_date: today,
         at: now,
     };

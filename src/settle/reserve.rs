@@ -6,6 +6,7 @@
 //! payment is a sequence of single-account holds with compensation, never one script over many.
 
 use super::Source;
+use crate::cache::memory::unix_ms;
 use crate::cache::Reserve;
 use crate::domain::{Money, PayMode};
 use crate::error::{Failure, Outcome, Reason};
@@ -18,21 +19,65 @@ use std::time::Duration;
 
 /// Reserves up to `draw_max` over `sources`, commits, finalizes. Returns the committed record (or
 /// the record already committed under the same request id, for the caller to compare).
+///
+/// If the ledger refuses a debit the cache allowed (the cache was behind the ledger, e.g. after a
+/// commit it never heard of), the accounts are reloaded from the ledger and the payment is tried
+/// once more with fresh holds.
 pub async fn run(
     gateway: Arc<Gateway>,
-    mut new: NewSettlement,
+    new: NewSettlement,
     sources: Vec<Source>,
     draw_max: Money,
     mode: PayMode,
 ) -> Outcome<SettlementRecord> {
-    let hold_id = new.setl_id.clone();
+    const ATTEMPTS_MAX: usize = 2;
+    let mut attempt = 1;
+    loop {
+        match run_once(&gateway, new.clone(), &sources, draw_max, mode).await {
+            Err(Retry::Reloaded) if attempt < ATTEMPTS_MAX => attempt += 1,
+            Err(Retry::Reloaded) => {
+                return Err(Failure::new(
+                    Reason::InsufficientBalance,
+                    "the ledger refused: the balance is not sufficient",
+                ))
+            }
+            Err(Retry::Done(failure)) => return Err(failure),
+            Ok(record) => return Ok(record),
+        }
+    }
+}
+
+enum Retry {
+    /// The ledger refused a debit the cache allowed; the cache now holds the ledger's balances.
+    Reloaded,
+    Done(Failure),
+}
+
+impl From<Failure> for Retry {
+    fn from(failure: Failure) -> Retry {
+        Retry::Done(failure)
+    }
+}
+
+async fn run_once(
+    gateway: &Gateway,
+    mut new: NewSettlement,
+    sources: &[Source],
+    draw_max: Money,
+    mode: PayMode,
+) -> Result<SettlementRecord, Retry> {
+    let hold_id = gateway.new_id('S');
+    new.setl_id = hold_id.clone();
+    // Every hold taken below has a lease ending at or after this deadline; the ledger refuses the
+    // write after it, and the sweeper releases holds only after it.
+    new.hold_deadline_ms = Some(unix_ms() + gateway.settings.hold_lease_ms);
     let mut holds: Vec<(i64, Money)> = Vec::new();
     let mut left = draw_max;
-    for source in &sources {
+    for source in sources {
         if left.is_zero() {
             break;
         }
-        match reserve_one(&gateway, source, &hold_id, left).await {
+        match reserve_one(gateway, source, &hold_id, left).await {
             Ok(held) if held.is_zero() => {}
             Ok(held) => {
                 holds.push((source.account.id, held));
@@ -45,18 +90,19 @@ pub async fn run(
                 left = left.checked_sub(held).expect("held <= left");
             }
             Err(failure) => {
-                release_all(&gateway, &holds, &hold_id).await;
-                return Err(failure);
+                release_all(gateway, &holds, &hold_id).await;
+                return Err(failure.into());
             }
         }
     }
     if mode == PayMode::FullOnly && !left.is_zero() {
         // Balances moved between plan and reserve: all or nothing.
-        release_all(&gateway, &holds, &hold_id).await;
+        release_all(gateway, &holds, &hold_id).await;
         return Err(Failure::new(
             Reason::InsufficientBalance,
             "the accounts cannot cover this full-only payment",
-        ));
+        )
+        .into());
     }
 
     let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
@@ -65,13 +111,14 @@ pub async fn run(
     let result = match committed {
         Ok(Ok(result)) => result,
         // The outcome is unknown: the batch may have committed. Leave the holds; the sweeper
-        // settles them against the ledger when their lease ends, so the cache never overstates.
-        Ok(Err(unavailable)) => return Err(unavailable.into()),
+        // settles them against the ledger after their lease, so the cache never overstates.
+        Ok(Err(unavailable)) => return Err(Failure::from(unavailable).into()),
         Err(_elapsed) => {
             return Err(Failure::new(
                 Reason::BackendUnavailable,
                 "the ledger did not answer in time",
-            ))
+            )
+            .into())
         }
     };
     match result {
@@ -94,15 +141,33 @@ pub async fn run(
             Ok(record)
         }
         Ok(WriteOutcome::SettlementExists(existing)) => {
-            release_all(&gateway, &holds, &hold_id).await;
+            release_all(gateway, &holds, &hold_id).await;
             Ok(existing)
         }
         Ok(other) => unreachable!("a settlement write answered {other:?}"),
+        Err(WriteDecline::InsufficientBalance { .. }) => {
+            release_all(gateway, &holds, &hold_id).await;
+            for (account_id, _) in &holds {
+                reload(gateway, *account_id).await?;
+            }
+            Err(Retry::Reloaded)
+        }
         Err(decline) => {
-            release_all(&gateway, &holds, &hold_id).await;
-            Err(decline_failure(decline))
+            release_all(gateway, &holds, &hold_id).await;
+            Err(decline_failure(decline).into())
         }
     }
+}
+
+/// Installs the ledger's balance in the cache (it wins only if newer than what the cache has).
+async fn reload(gateway: &Gateway, account_id: i64) -> Outcome<()> {
+    let (balance, seq) = gateway
+        .ledger
+        .account_balance(account_id)
+        .await?
+        .ok_or_else(|| Failure::new(Reason::Internal, "account vanished from the ledger"))?;
+    gateway.cache.load(account_id, balance, seq).await?;
+    Ok(())
 }
 
 async fn reserve_one(
@@ -183,6 +248,10 @@ pub fn decline_failure(decline: WriteDecline) -> Failure {
         WriteDecline::RequestIdReused => Failure::new(
             Reason::RequestIdReused,
             "request_id was used before for a different request",
+        ),
+        WriteDecline::HoldExpired => Failure::new(
+            Reason::BackendUnavailable,
+            "the ledger was too slow to commit in time; nothing was paid, retry",
         ),
     }
 }

@@ -9,12 +9,15 @@ use std::time::Duration;
 
 /// Expired holds handled per pass at most.
 const SWEEP_BATCH_MAX: usize = 256;
+/// A hold is swept only this long after its lease ended, beyond any clock difference between
+/// gateways: the ledger refuses a write after its lease ended, so by then its fate is final.
+pub const SWEEP_GRACE_MS: u64 = 5_000;
 
-/// One pass; returns how many holds it settled.
-pub async fn sweep_once(gateway: &Gateway) -> usize {
+/// One pass at `now_ms` (Unix ms); returns how many holds it settled.
+pub async fn sweep_once(gateway: &Gateway, now_ms: u64) -> usize {
     let expired = match gateway
         .cache
-        .expired_holds(unix_ms(), SWEEP_BATCH_MAX)
+        .expired_holds(now_ms.saturating_sub(SWEEP_GRACE_MS), SWEEP_BATCH_MAX)
         .await
     {
         Ok(expired) => expired,
@@ -25,7 +28,7 @@ pub async fn sweep_once(gateway: &Gateway) -> usize {
     };
     let mut settled = 0;
     for hold in expired {
-        let committed = match gateway.ledger.settlement_committed(&hold.hold_id).await {
+        let committed = match gateway.ledger.hold_committed(&hold.hold_id).await {
             Ok(committed) => committed,
             Err(error) => {
                 tracing::warn!(%error, "sweeper cannot reach the ledger");
@@ -77,7 +80,7 @@ pub fn spawn(gateway: std::sync::Weak<Gateway>, interval: Duration) -> tokio::ta
             let Some(gateway): Option<Arc<Gateway>> = gateway.upgrade() else {
                 break;
             };
-            sweep_once(&gateway).await;
+            sweep_once(&gateway, unix_ms()).await;
         }
     })
 }

@@ -132,6 +132,7 @@ CREATE TABLE IF NOT EXISTS refund_credits (
 
 CREATE TABLE IF NOT EXISTS adjustments (
     request_id        TEXT PRIMARY KEY,
+    hold_id           TEXT NOT NULL DEFAULT '',
     fingerprint       TEXT NOT NULL,
     psn_no            TEXT NOT NULL,
     posting_id        INTEGER NOT NULL,
@@ -139,6 +140,8 @@ CREATE TABLE IF NOT EXISTS adjustments (
     balance_after_fen INTEGER NOT NULL,
     at                TEXT NOT NULL
 );
+
+CREATE INDEX IF NOT EXISTS adjustments_by_hold ON adjustments(hold_id);
 
 CREATE TABLE IF NOT EXISTS pins (
     psn_no        TEXT PRIMARY KEY REFERENCES persons(psn_no),
