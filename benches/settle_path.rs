@@ -38,6 +38,9 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
+        ledger_url: None,
+        redis_url: None,
+        redis_prefix: "yb:".into(),
         policy_dir: None,
         operator_key: None,
         pepper: b"bench".to_vec(),

@@ -10,4 +10,6 @@ if ! command -v cc >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq gcc; else sudo apt-get update -qq && sudo apt-get install -y -qq gcc; fi
 fi
 
-cargo test --locked --all-targets
+# The benchmarks first (built and smoke-run so they cannot rot), then every test target.
+cargo test --locked --benches
+cargo test --locked --lib --bins --tests

@@ -7,11 +7,13 @@
 
 use crate::auth::Authenticator;
 use crate::cache::memory::MemoryCache;
+use crate::cache::redis::RedisCache;
 use crate::cache::BalanceCache;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::policy::Policies;
 use crate::gateway::Gateway;
+use crate::ledger::postgres::PostgresLedger;
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::Ledger;
 use crate::pin::PinHasher;
@@ -73,15 +75,26 @@ fn pepper(config: &Config) -> Result<Vec<u8>, StartError> {
     Ok(text.into_bytes())
 }
 
-/// Builds the embedded default: SQLite ledger in `data_dir`, in-process balance cache.
+/// Builds the gateway: the PostgreSQL ledger when `ledger_url` is set, else the SQLite file in
+/// `data_dir`; the Redis cache when `redis_url` is set, else balances in process.
 pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let policies = match &config.policy_dir {
         Some(dir) => Policies::load_dir(dir)?,
         None => Policies::builtin(),
     };
-    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&config.data_dir.join("ledger.db"))?);
-    let cache: Arc<dyn BalanceCache> = Arc::new(MemoryCache::default());
+    let ledger: Arc<dyn Ledger> = match &config.ledger_url {
+        Some(url) => Arc::new(PostgresLedger::connect(url).await?),
+        None => Arc::new(SqliteLedger::open(&config.data_dir.join("ledger.db"))?),
+    };
+    let cache: Arc<dyn BalanceCache> = match &config.redis_url {
+        Some(url) => Arc::new(
+            RedisCache::connect(url, &config.redis_prefix)
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        ),
+        None => Arc::new(MemoryCache::default()),
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);

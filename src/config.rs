@@ -14,6 +14,13 @@ use std::path::{Path, PathBuf};
 pub struct FileConfig {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// `postgres://…`: the production ledger. Absent: the SQLite file in `data_dir`.
+    pub ledger_url: Option<String>,
+    /// `redis://…` (comma-separated URLs for a cluster): the production balance cache. Absent:
+    /// balances in process.
+    pub redis_url: Option<String>,
+    /// Prepended to every Redis key, so several deployments can share one Redis.
+    pub redis_prefix: Option<String>,
     /// A directory of region policy files; the built-in ones when absent.
     pub policy_dir: Option<PathBuf>,
     /// A file holding the first operator key (instead of `YIBAO_OPERATOR_KEY`).
@@ -31,6 +38,9 @@ pub struct FileConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub ledger_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
     pub policy_dir: Option<PathBuf>,
     pub operator_key: Option<String>,
     pub pepper: Vec<u8>,
@@ -43,6 +53,9 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
+            .field("ledger_url", &self.ledger_url.as_deref().map(redact_url))
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_prefix", &self.redis_prefix)
             .field("policy_dir", &self.policy_dir)
             .field("operator_key", &self.operator_key.as_ref().map(|_| "****"))
             .field("pepper", &"****")
@@ -67,6 +80,22 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub policy_dir: Option<PathBuf>,
+    pub ledger_url: Option<String>,
+    pub redis_url: Option<String>,
+}
+
+/// A URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:****{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -148,9 +177,41 @@ impl Config {
                 "batch_len_max must be within 1..=10000".into(),
             ));
         }
+        let ledger_url = overrides
+            .ledger_url
+            .clone()
+            .or(file.ledger_url)
+            .filter(|u| !u.is_empty());
+        if let Some(url) = &ledger_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "ledger_url: {} is not a postgres:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        let redis_url = overrides
+            .redis_url
+            .clone()
+            .or(file.redis_url)
+            .filter(|u| !u.is_empty());
+        if let Some(url) = &redis_url {
+            if !url
+                .split(',')
+                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "redis_url: {} is not a redis:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
         Ok(Config {
             listen,
             data_dir,
+            ledger_url,
+            redis_url,
+            redis_prefix: file.redis_prefix.unwrap_or_else(|| "yb:".into()),
             policy_dir: overrides.policy_dir.clone().or(file.policy_dir),
             operator_key,
             pepper,

@@ -2,6 +2,12 @@
 
 mod common;
 
+on_both_backends!(
+    one_refused_write_never_fails_the_others_in_its_batch,
+    the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
+    a_debit_adjustment_holds_and_finalizes_like_a_payment,
+);
+
 use common::*;
 use yibao::cache::memory::unix_ms;
 use yibao::cache::Reserve;
@@ -61,170 +67,161 @@ fn settlement(
     }
 }
 
-#[test]
-fn one_refused_write_never_fails_the_others_in_its_batch() {
-    run(async {
-        let gw = TestGateway::start().await;
-        gw.hospital().await;
-        gw.employee("P1", "10.00").await;
-        let account = account_of(&gw, "P1").await;
-        let batch = vec![
-            LedgerWrite::Settle(settlement("S-a", "a", "P1", account, "6.00", None)),
-            LedgerWrite::Settle(settlement("S-b", "b", "P1", account, "6.00", None)), // would go negative
-            LedgerWrite::Settle(settlement("S-c", "c", "P1", account, "4.00", None)),
-            LedgerWrite::Settle(settlement("S-d", "d", "P1", account, "0.01", Some(1))), // deadline long past
-            LedgerWrite::Settle(settlement("S-e", "a", "P1", account, "6.00", None)), // same request id as a
-        ];
-        let results = gw.app.gateway.ledger.commit_batch(batch).await.unwrap();
-        assert!(
-            matches!(&results[0], Ok(WriteOutcome::Settled { record, .. }) if record.balc == yuan("4.00"))
-        );
-        assert_eq!(
-            results[1].as_ref().unwrap_err(),
-            &WriteDecline::InsufficientBalance {
-                account_id: account
-            }
-        );
-        assert!(
-            matches!(&results[2], Ok(WriteOutcome::Settled { record, .. }) if record.balc == Money::ZERO)
-        );
-        assert_eq!(results[3].as_ref().unwrap_err(), &WriteDecline::HoldExpired);
-        assert!(
-            matches!(&results[4], Ok(WriteOutcome::SettlementExists(existing)) if existing.setl_id == "S-a")
-        );
-        assert_eq!(
-            gw.app
-                .gateway
-                .ledger
-                .account_balance(account)
-                .await
-                .unwrap()
-                .unwrap()
-                .0,
-            Money::ZERO
-        );
-        gw.assert_books_balance().await;
-    });
-}
-
-#[test]
-fn the_sweeper_commits_holds_the_ledger_has_and_releases_the_others() {
-    run(async {
-        let gw = TestGateway::start().await;
-        gw.hospital().await;
-        gw.employee("P1", "10.00").await;
-        let account = account_of(&gw, "P1").await;
-        let gateway = &gw.app.gateway;
-        let (balance, seq) = gateway
+async fn one_refused_write_never_fails_the_others_in_its_batch(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    gw.hospital().await;
+    gw.employee("P1", "10.00").await;
+    let account = account_of(&gw, "P1").await;
+    let batch = vec![
+        LedgerWrite::Settle(settlement("S-a", "a", "P1", account, "6.00", None)),
+        LedgerWrite::Settle(settlement("S-b", "b", "P1", account, "6.00", None)), // would go negative
+        LedgerWrite::Settle(settlement("S-c", "c", "P1", account, "4.00", None)),
+        LedgerWrite::Settle(settlement("S-d", "d", "P1", account, "0.01", Some(1))), // deadline long past
+        LedgerWrite::Settle(settlement("S-e", "a", "P1", account, "6.00", None)), // same request id as a
+    ];
+    let results = gw.app.gateway.ledger.commit_batch(batch).await.unwrap();
+    assert!(
+        matches!(&results[0], Ok(WriteOutcome::Settled { record, .. }) if record.balc == yuan("4.00"))
+    );
+    assert_eq!(
+        results[1].as_ref().unwrap_err(),
+        &WriteDecline::InsufficientBalance {
+            account_id: account
+        }
+    );
+    assert!(
+        matches!(&results[2], Ok(WriteOutcome::Settled { record, .. }) if record.balc == Money::ZERO)
+    );
+    assert_eq!(results[3].as_ref().unwrap_err(), &WriteDecline::HoldExpired);
+    assert!(
+        matches!(&results[4], Ok(WriteOutcome::SettlementExists(existing)) if existing.setl_id == "S-a")
+    );
+    assert_eq!(
+        gw.app
+            .gateway
             .ledger
             .account_balance(account)
             .await
             .unwrap()
-            .unwrap();
-        gateway.cache.load(account, balance, seq).await.unwrap();
-        // Two holds from a "crashed" gateway: one whose settlement reached the ledger, one not.
-        assert_eq!(
-            gateway
-                .cache
-                .reserve(account, "S-committed", yuan("3.00"), 0)
-                .await
-                .unwrap(),
-            Reserve::Held(yuan("3.00"))
-        );
-        assert_eq!(
-            gateway
-                .cache
-                .reserve(account, "S-lost", yuan("2.00"), 0)
-                .await
-                .unwrap(),
-            Reserve::Held(yuan("2.00"))
-        );
-        let results = gateway
-            .ledger
-            .commit_batch(vec![LedgerWrite::Settle(settlement(
-                "S-committed",
-                "x",
-                "P1",
-                account,
-                "3.00",
-                None,
-            ))])
+            .unwrap()
+            .0,
+        Money::ZERO
+    );
+    gw.assert_books_balance().await;
+}
+
+async fn the_sweeper_commits_holds_the_ledger_has_and_releases_the_others(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    gw.hospital().await;
+    gw.employee("P1", "10.00").await;
+    let account = account_of(&gw, "P1").await;
+    let gateway = &gw.app.gateway;
+    let (balance, seq) = gateway
+        .ledger
+        .account_balance(account)
+        .await
+        .unwrap()
+        .unwrap();
+    gateway.cache.load(account, balance, seq).await.unwrap();
+    // Two holds from a "crashed" gateway: one whose settlement reached the ledger, one not.
+    assert_eq!(
+        gateway
+            .cache
+            .reserve(account, "S-committed", yuan("3.00"), 0)
             .await
-            .unwrap();
-        assert!(results[0].is_ok());
-        assert_eq!(
+            .unwrap(),
+        Reserve::Held(yuan("3.00"))
+    );
+    assert_eq!(
+        gateway
+            .cache
+            .reserve(account, "S-lost", yuan("2.00"), 0)
+            .await
+            .unwrap(),
+        Reserve::Held(yuan("2.00"))
+    );
+    let results = gateway
+        .ledger
+        .commit_batch(vec![LedgerWrite::Settle(settlement(
+            "S-committed",
+            "x",
+            "P1",
+            account,
+            "3.00",
+            None,
+        ))])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok());
+    assert_eq!(
             gw.balance("P1").await,
             ("7.00".into(), "2.00".into()),
             "until the sweeper settles it, a committed hold counts twice: understated, never overstated"
         );
 
-        // Within the grace period nothing is touched; after it both holds are settled.
-        assert_eq!(
-            yibao::settle::sweeper::sweep_once(gateway, unix_ms()).await,
-            0
-        );
-        let later = unix_ms() + yibao::settle::sweeper::SWEEP_GRACE_MS + 1_000;
-        assert_eq!(yibao::settle::sweeper::sweep_once(gateway, later).await, 2);
-        let cached = gateway.cache.get(account).await.unwrap().unwrap();
-        assert_eq!((cached.balance, cached.held), (yuan("7.00"), Money::ZERO));
-        assert_eq!(gw.balance("P1").await, ("7.00".into(), "7.00".into()));
-    });
+    // Within the grace period nothing is touched; after it both holds are settled.
+    assert_eq!(
+        yibao::settle::sweeper::sweep_once(gateway, unix_ms()).await,
+        0
+    );
+    let later = unix_ms() + yibao::settle::sweeper::SWEEP_GRACE_MS + 1_000;
+    assert_eq!(yibao::settle::sweeper::sweep_once(gateway, later).await, 2);
+    let cached = gateway.cache.get(account).await.unwrap().unwrap();
+    assert_eq!((cached.balance, cached.held), (yuan("7.00"), Money::ZERO));
+    assert_eq!(gw.balance("P1").await, ("7.00".into(), "7.00".into()));
 }
 
-#[test]
-fn a_debit_adjustment_holds_and_finalizes_like_a_payment() {
-    run(async {
-        let gw = TestGateway::start().await;
-        gw.employee("P1", "10.00").await;
-        let debit = |id: &str, amount: &str| pb::AdjustRequest {
-            request_id: id.into(),
-            psn_no: "P1".into(),
-            amount: amount.into(),
-            direction: pb::AdjustDirection::Debit as i32,
-            reason: "correction of a double credit".into(),
-            value_date: String::new(),
-        };
-        let answer = gw
-            .admin()
+async fn a_debit_adjustment_holds_and_finalizes_like_a_payment(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    gw.employee("P1", "10.00").await;
+    let debit = |id: &str, amount: &str| pb::AdjustRequest {
+        request_id: id.into(),
+        psn_no: "P1".into(),
+        amount: amount.into(),
+        direction: pb::AdjustDirection::Debit as i32,
+        reason: "correction of a double credit".into(),
+        value_date: String::new(),
+    };
+    let answer = gw
+        .admin()
+        .adjust(auth(debit("d1", "4.00"), OPERATOR_KEY))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (answer.amount.as_str(), answer.balance.as_str()),
+        ("-4.00", "6.00")
+    );
+    // A replay answers the same; a changed replay is refused.
+    assert_eq!(
+        gw.admin()
             .adjust(auth(debit("d1", "4.00"), OPERATOR_KEY))
             .await
             .unwrap()
-            .into_inner();
-        assert_eq!(
-            (answer.amount.as_str(), answer.balance.as_str()),
-            ("-4.00", "6.00")
-        );
-        // A replay answers the same; a changed replay is refused.
-        assert_eq!(
-            gw.admin()
-                .adjust(auth(debit("d1", "4.00"), OPERATOR_KEY))
-                .await
-                .unwrap()
-                .into_inner()
-                .entry_id,
-            answer.entry_id
-        );
-        assert_refused(
-            gw.admin()
-                .adjust(auth(debit("d1", "5.00"), OPERATOR_KEY))
-                .await,
-            tonic::Code::AlreadyExists,
-            "REQUEST_ID_REUSED",
-        );
-        assert_eq!(gw.balance("P1").await, ("6.00".into(), "6.00".into()));
-        let account = account_of(&gw, "P1").await;
-        assert_eq!(
-            gw.app
-                .gateway
-                .cache
-                .get(account)
-                .await
-                .unwrap()
-                .unwrap()
-                .held,
-            Money::ZERO,
-            "no hold left open"
-        );
-        gw.assert_books_balance().await;
-    });
+            .into_inner()
+            .entry_id,
+        answer.entry_id
+    );
+    assert_refused(
+        gw.admin()
+            .adjust(auth(debit("d1", "5.00"), OPERATOR_KEY))
+            .await,
+        tonic::Code::AlreadyExists,
+        "REQUEST_ID_REUSED",
+    );
+    assert_eq!(gw.balance("P1").await, ("6.00".into(), "6.00".into()));
+    let account = account_of(&gw, "P1").await;
+    assert_eq!(
+        gw.app
+            .gateway
+            .cache
+            .get(account)
+            .await
+            .unwrap()
+            .unwrap()
+            .held,
+        Money::ZERO,
+        "no hold left open"
+    );
+    gw.assert_books_balance().await;
 }

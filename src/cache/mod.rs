@@ -10,6 +10,7 @@
 //! Every operation touches exactly one account (one Redis hash tag), because family graphs overlap.
 
 pub mod memory;
+pub mod redis;
 
 use crate::domain::Money;
 use crate::ledger::AccountId;

@@ -19,6 +19,13 @@ pub struct ServeArgs {
     /// A TOML config file (see deploy/yibao.example.toml).
     #[arg(long, env = "YIBAO_CONFIG")]
     config: Option<PathBuf>,
+    /// The production ledger, `postgres://user@host:port/db` (default: SQLite in --data-dir).
+    #[arg(long, env = "YIBAO_LEDGER_URL", hide_env_values = true)]
+    ledger_url: Option<String>,
+    /// The production balance cache, `redis://host:port/db`; comma-separated URLs for a cluster
+    /// (default: balances in process).
+    #[arg(long, env = "YIBAO_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// A directory of region policy files (default: the built-in config/policy/*.toml).
     #[arg(long, env = "YIBAO_POLICY_DIR")]
     policy_dir: Option<PathBuf>,
@@ -39,6 +46,8 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         config: args.config,
         policy_dir: args.policy_dir,
+        ledger_url: args.ledger_url,
+        redis_url: args.redis_url,
     };
     let mut config = match Config::load(&overrides) {
         Ok(config) => config,
@@ -74,7 +83,17 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(%address, data_dir = %config.data_dir.display(), "yibao gateway listening (embedded: SQLite ledger, in-process balances)");
+    let ledger = config
+        .ledger_url
+        .as_deref()
+        .map(crate::config::redact_url)
+        .unwrap_or_else(|| format!("SQLite in {}", config.data_dir.display()));
+    let balances = config
+        .redis_url
+        .as_deref()
+        .map(crate::config::redact_url)
+        .unwrap_or_else(|| "in process".into());
+    tracing::info!(%address, %ledger, %balances, "yibao gateway listening");
     if args.demo {
         match crate::demo::seed(&app.gateway).await {
             Ok(institution_key) => {

@@ -104,6 +104,15 @@ impl Money {
         Money(rounded)
     }
 
+    /// From a ledger value (NUMERIC(18,2) or its text): exact, any sign, at most two decimals.
+    pub fn from_ledger(value: Decimal) -> Option<Money> {
+        (value.scale() <= 2).then(|| Money::normalized(value))
+    }
+
+    pub fn from_ledger_text(text: &str) -> Option<Money> {
+        text.parse::<Decimal>().ok().and_then(Money::from_ledger)
+    }
+
     pub fn as_decimal(self) -> Decimal {
         self.0
     }

@@ -9,6 +9,7 @@
 //! committed in one database transaction, each with its own outcome, so one refused write never
 //! fails the others. The group committer (`settle::commit`) decides what a batch is.
 
+pub mod postgres;
 mod records;
 pub mod sqlite;
 

@@ -2,6 +2,8 @@
 //! One tokio runtime per test binary (`run`), shared by every test in it.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::sync::{Arc, LazyLock};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -31,7 +33,31 @@ pub fn run<F: std::future::Future<Output = ()>>(test: F) {
     RUNTIME.block_on(test)
 }
 
+/// Which backends a test gateway runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite ledger and in-process balances (the embedded default).
+    Embedded,
+    /// PostgreSQL ledger and Redis balances (production).
+    Production,
+}
+
+/// Declares one `#[test]` per backend for each `async fn name(backend: Backend)` listed.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $name() { $crate::common::run($crate::$name($crate::common::Backend::Embedded)) } )*
+        }
+        mod production {
+            $( #[test] fn $name() { $crate::common::run($crate::$name($crate::common::Backend::Production)) } )*
+        }
+    };
+}
+
 pub struct TestGateway {
+    pub backend: Backend,
+    pub config: Config,
     pub channel: Channel,
     pub clock: Arc<OffsetClock>,
     pub app: App,
@@ -40,10 +66,31 @@ pub struct TestGateway {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-fn config(dir: &TempDir) -> Config {
+fn unique_name() -> String {
+    format!("t{}_{}", std::process::id(), rand_suffix())
+}
+
+/// A gateway configuration on `backend`: a fresh database and a fresh Redis key prefix for
+/// production, so tests running in parallel never see each other's data.
+pub async fn config(dir: &TempDir, backend: Backend) -> Config {
+    let (ledger_url, redis_url, redis_prefix) = match backend {
+        Backend::Embedded => (None, None, "yb:".to_string()),
+        Backend::Production => {
+            let name = unique_name();
+            let url = servers::fresh_database(&name).await;
+            (
+                Some(url),
+                Some(servers::SERVERS.redis_url.clone()),
+                format!("{name}:"),
+            )
+        }
+    };
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
+        ledger_url,
+        redis_url,
+        redis_prefix,
         policy_dir: None,
         operator_key: Some(OPERATOR_KEY.into()),
         pepper: b"test-pepper".to_vec(),
@@ -54,12 +101,22 @@ fn config(dir: &TempDir) -> Config {
 
 impl TestGateway {
     pub async fn start() -> TestGateway {
-        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-        TestGateway::start_in(dir, Arc::new(OffsetClock::default())).await
+        TestGateway::start_with(Backend::Embedded).await
     }
 
-    async fn start_in(dir: Arc<TempDir>, clock: Arc<OffsetClock>) -> TestGateway {
-        let app = app::build(&config(&dir), clock.clone())
+    pub async fn start_with(backend: Backend) -> TestGateway {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config = config(&dir, backend).await;
+        TestGateway::start_in(dir, Arc::new(OffsetClock::default()), backend, config).await
+    }
+
+    async fn start_in(
+        dir: Arc<TempDir>,
+        clock: Arc<OffsetClock>,
+        backend: Backend,
+        config: Config,
+    ) -> TestGateway {
+        let app = app::build(&config, clock.clone())
             .await
             .expect("gateway builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -81,6 +138,8 @@ impl TestGateway {
             .await
             .expect("connect");
         TestGateway {
+            backend,
+            config,
             channel,
             clock,
             app,
@@ -90,13 +149,12 @@ impl TestGateway {
         }
     }
 
-    /// Stops this gateway gracefully and starts a new process-equivalent on the same data directory
-    /// (a fresh in-process cache, the same ledger file).
+    /// Stops this gateway gracefully and starts a new one on the same ledger (and, in production,
+    /// the same Redis); the embedded in-process cache starts empty.
     pub async fn restart(mut self) -> TestGateway {
-        let dir = self.dir.clone();
-        let clock = self.clock.clone();
+        let (dir, clock, config) = (self.dir.clone(), self.clock.clone(), self.config.clone());
         self.stop().await;
-        TestGateway::start_in(dir, clock).await
+        TestGateway::start_in(dir, clock, self.backend, config).await
     }
 
     pub fn data_dir(&self) -> &std::path::Path {

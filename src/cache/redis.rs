@@ -1,0 +1,295 @@
+//! The production balance cache on Redis (redis-rs; a standalone server through a connection
+//! manager, or a Redis Cluster, behind one type).
+//!
+//! Per account: a hash `{a:<id>}` with the balance `b` (fen), the ledger sequence `s` and the sum of
+//! holds `h`, and a hash `{a:<id>}:h` of hold id → fen. Both carry the same hash tag, and every
+//! script touches exactly one account, so the layout works on a cluster however family graphs
+//! overlap. Lease ends live in one sorted set, an index only: the sweeper reads it to find holds
+//! whose lease ran out, and the holds themselves stay authoritative.
+
+use super::*;
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use std::future::Future;
+use std::time::Duration;
+
+/// Every Redis call must finish within this; the settlement path fails closed after it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A standalone server or a cluster, one type for the callers (the hyperswitch `RedisConn` shape).
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            RedisConnection::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(conn) => conn.get_db(),
+            RedisConnection::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+struct Scripts {
+    load: Script,
+    reserve: Script,
+    finish: Script,
+    apply: Script,
+}
+
+pub struct RedisCache {
+    connection: RedisConnection,
+    /// Prepended to every key, so several gateways (or tests) can share one Redis.
+    prefix: String,
+    scripts: Scripts,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> CacheUnavailable {
+    CacheUnavailable(error.to_string())
+}
+
+async fn deadline<T>(work: impl Future<Output = ::redis::RedisResult<T>>) -> CacheResult<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, work).await {
+        Ok(result) => result.map_err(unavailable),
+        Err(_) => Err(CacheUnavailable("Redis did not answer in time".into())),
+    }
+}
+
+impl RedisCache {
+    /// `redis://host:port/db` for one server; several comma-separated URLs for a cluster.
+    pub async fn connect(url: &str, prefix: &str) -> CacheResult<RedisCache> {
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let connection = if urls.len() > 1 {
+            let client = ::redis::cluster::ClusterClient::builder(urls.clone())
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(CALL_TIMEOUT)
+                .build()
+                .map_err(unavailable)?;
+            RedisConnection::Cluster(deadline(client.get_async_connection()).await?)
+        } else {
+            let client = ::redis::Client::open(url).map_err(unavailable)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(CALL_TIMEOUT));
+            RedisConnection::Single(
+                deadline(ConnectionManager::new_with_config(client, config)).await?,
+            )
+        };
+        Ok(RedisCache {
+            connection,
+            prefix: prefix.to_string(),
+            scripts: Scripts {
+                load: Script::new(include_str!("scripts/load.lua")),
+                reserve: Script::new(include_str!("scripts/reserve.lua")),
+                finish: Script::new(include_str!("scripts/finish.lua")),
+                apply: Script::new(include_str!("scripts/apply.lua")),
+            },
+        })
+    }
+
+    fn account_key(&self, account_id: AccountId) -> String {
+        format!("{}{{a:{account_id}}}", self.prefix)
+    }
+
+    fn holds_key(&self, account_id: AccountId) -> String {
+        format!("{}{{a:{account_id}}}:h", self.prefix)
+    }
+
+    fn lease_index_key(&self) -> String {
+        format!("{}holds", self.prefix)
+    }
+
+    fn lease_member(account_id: AccountId, hold_id: &str) -> String {
+        format!("{account_id}|{hold_id}")
+    }
+
+    async fn finish(
+        &self,
+        account_id: AccountId,
+        hold_id: &str,
+        balance: Option<(Money, i64)>,
+    ) -> CacheResult<()> {
+        let mut conn = self.connection.clone();
+        let (balance_fen, seq) = match balance {
+            Some((balance, seq)) => (balance.to_fen().to_string(), seq.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let mut invocation = self.scripts.finish.key(self.account_key(account_id));
+        invocation
+            .key(self.holds_key(account_id))
+            .arg(hold_id)
+            .arg(balance_fen)
+            .arg(seq);
+        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        // The index entry goes last: a hold is never unindexed while it exists.
+        let _: i64 = deadline(
+            ::redis::cmd("ZREM")
+                .arg(self.lease_index_key())
+                .arg(Self::lease_member(account_id, hold_id))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn fen(value: Option<i64>) -> Money {
+    Money::from_fen(value.unwrap_or(0))
+}
+
+#[async_trait]
+impl BalanceCache for RedisCache {
+    async fn ping(&self) -> CacheResult<()> {
+        let mut conn = self.connection.clone();
+        let _: String = deadline(::redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn get(&self, account_id: AccountId) -> CacheResult<Option<CachedBalance>> {
+        let mut conn = self.connection.clone();
+        let (balance, held, seq): (Option<i64>, Option<i64>, Option<i64>) = deadline(
+            ::redis::cmd("HMGET")
+                .arg(self.account_key(account_id))
+                .arg("b")
+                .arg("h")
+                .arg("s")
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(match (balance, seq) {
+            (Some(balance), Some(seq)) => Some(CachedBalance {
+                balance: Money::from_fen(balance),
+                held: fen(held),
+                seq,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn load(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<()> {
+        let mut conn = self.connection.clone();
+        let mut invocation = self.scripts.load.key(self.account_key(account_id));
+        invocation.arg(balance.to_fen()).arg(seq);
+        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn reserve(
+        &self,
+        account_id: AccountId,
+        hold_id: &str,
+        want: Money,
+        lease_ms: u64,
+    ) -> CacheResult<Reserve> {
+        let mut conn = self.connection.clone();
+        // Index first: a hold that exists is always findable by the sweeper.
+        let lease_end = memory::unix_ms() + lease_ms;
+        let _: i64 = deadline(
+            ::redis::cmd("ZADD")
+                .arg(self.lease_index_key())
+                .arg(lease_end)
+                .arg(Self::lease_member(account_id, hold_id))
+                .query_async(&mut conn),
+        )
+        .await?;
+        let mut invocation = self.scripts.reserve.key(self.account_key(account_id));
+        invocation
+            .key(self.holds_key(account_id))
+            .arg(hold_id)
+            .arg(want.to_fen());
+        let held: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        if held <= 0 {
+            let _: i64 = deadline(
+                ::redis::cmd("ZREM")
+                    .arg(self.lease_index_key())
+                    .arg(Self::lease_member(account_id, hold_id))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        }
+        Ok(if held < 0 {
+            Reserve::NotLoaded
+        } else {
+            Reserve::Held(Money::from_fen(held))
+        })
+    }
+
+    async fn commit_hold(
+        &self,
+        account_id: AccountId,
+        hold_id: &str,
+        balance_after: Money,
+        seq: i64,
+    ) -> CacheResult<()> {
+        self.finish(account_id, hold_id, Some((balance_after, seq)))
+            .await
+    }
+
+    async fn release_hold(&self, account_id: AccountId, hold_id: &str) -> CacheResult<()> {
+        self.finish(account_id, hold_id, None).await
+    }
+
+    async fn apply(
+        &self,
+        account_id: AccountId,
+        balance_after: Money,
+        seq: i64,
+    ) -> CacheResult<()> {
+        let mut conn = self.connection.clone();
+        let mut invocation = self.scripts.apply.key(self.account_key(account_id));
+        invocation.arg(balance_after.to_fen()).arg(seq);
+        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>> {
+        let mut conn = self.connection.clone();
+        let members: Vec<String> = deadline(
+            ::redis::cmd("ZRANGEBYSCORE")
+                .arg(self.lease_index_key())
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(members
+            .into_iter()
+            .filter_map(|member| {
+                let (account, hold) = member.split_once('|')?;
+                Some(ExpiredHold {
+                    account_id: account.parse().ok()?,
+                    hold_id: hold.to_string(),
+                })
+            })
+            .collect())
+    }
+}

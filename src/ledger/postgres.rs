@@ -1,0 +1,950 @@
+//! The production ledger on PostgreSQL (tokio-postgres + deadpool-postgres).
+//!
+//! A batch of money-moving writes is one call of the `yibao_commit` procedure (schema/postgres.sql):
+//! one round trip and one durable commit (`synchronous_commit = on`) for the whole batch, each
+//! write in its own subtransaction. Reads are prepared statements on pooled connections. Every
+//! call has a deadline; a failure to reach the database is `LedgerUnavailable`.
+
+use super::*;
+use crate::domain::{
+    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus,
+    Money, PersonCategory, Relation, Role, SettlementStatus, TxnKind,
+};
+use chrono::{DateTime, NaiveDate, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use std::future::Future;
+use std::time::Duration;
+use tokio_postgres::{NoTls, Row};
+
+const SCHEMA: &str = include_str!("schema/postgres.sql");
+/// Connections in the pool at most.
+const POOL_SIZE_MAX: usize = 16;
+/// Every database call must finish within this.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct PostgresLedger {
+    pool: Pool,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> LedgerUnavailable {
+    LedgerUnavailable(error.to_string())
+}
+
+fn corrupt(what: &str) -> LedgerUnavailable {
+    LedgerUnavailable(format!("unexpected ledger data: {what}"))
+}
+
+async fn deadline<T, E: std::fmt::Display>(
+    work: impl Future<Output = Result<T, E>>,
+) -> LedgerResult<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, work).await {
+        Ok(result) => result.map_err(unavailable),
+        Err(_) => Err(LedgerUnavailable(
+            "the database did not answer in time".into(),
+        )),
+    }
+}
+
+impl PostgresLedger {
+    /// Connects, and creates or migrates the schema (serialised across gateways by an advisory lock).
+    pub async fn connect(url: &str) -> Result<PostgresLedger, LedgerUnavailable> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| unavailable(format!("ledger URL: {e}")))?;
+        // Durability is not negotiable: a commit returns only once it is on disk.
+        config.options("-c synchronous_commit=on");
+        config.connect_timeout(Duration::from_secs(5));
+        config.application_name("yibao-gateway");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE_MAX)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(unavailable)?;
+        let ledger = PostgresLedger { pool };
+        ledger.migrate().await?;
+        Ok(ledger)
+    }
+
+    async fn migrate(&self) -> LedgerResult<()> {
+        let mut client = deadline(self.pool.get()).await?;
+        let tx = deadline(client.transaction()).await?;
+        deadline(tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7305911);
+             CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)",
+        ))
+        .await?;
+        deadline(tx.batch_execute(SCHEMA)).await?;
+        let now = Utc::now();
+        for account in crate::domain::SystemAccount::ALL {
+            deadline(tx.execute(
+                "INSERT INTO accounts (system_code, status, opened_at) VALUES ($1, 'OPEN', $2) ON CONFLICT (system_code) DO NOTHING",
+                &[&account.name(), &now],
+            ))
+            .await?;
+        }
+        deadline(tx.execute(
+            "INSERT INTO schema_migrations VALUES (1, now()) ON CONFLICT DO NOTHING",
+            &[],
+        ))
+        .await?;
+        deadline(tx.commit()).await?;
+        Ok(())
+    }
+
+    async fn client(&self) -> LedgerResult<deadpool_postgres::Object> {
+        deadline(self.pool.get()).await
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> LedgerResult<Option<Row>> {
+        let client = self.client().await?;
+        let statement = deadline(client.prepare_cached(sql)).await?;
+        deadline(client.query_opt(&statement, params)).await
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> LedgerResult<Vec<Row>> {
+        let client = self.client().await?;
+        let statement = deadline(client.prepare_cached(sql)).await?;
+        deadline(client.query(&statement, params)).await
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> LedgerResult<u64> {
+        let client = self.client().await?;
+        let statement = deadline(client.prepare_cached(sql)).await?;
+        deadline(client.execute(&statement, params)).await
+    }
+}
+
+// ---- row and JSON conversions --------------------------------------------------------------
+
+fn money(value: Decimal) -> LedgerResult<Money> {
+    Money::from_ledger(value).ok_or_else(|| corrupt("amount with more than two decimals"))
+}
+
+fn parse<T>(text: &str, parse: fn(&str) -> Option<T>) -> LedgerResult<T> {
+    parse(text).ok_or_else(|| corrupt(text))
+}
+
+fn opt_parse<T>(text: Option<String>, parser: fn(&str) -> Option<T>) -> LedgerResult<Option<T>> {
+    text.map(|t| parse(&t, parser)).transpose()
+}
+
+const PERSON_SELECT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
+        p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
+        a.balance, a.seq
+     FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no
+     WHERE p.psn_no = $1";
+
+fn person_from_row(row: &Row) -> LedgerResult<PersonRecord> {
+    let account_id: Option<i64> = row.get(10);
+    let account = match account_id {
+        Some(id) => Some(AccountRecord {
+            id,
+            status: parse(row.get(11), AccountStatus::parse)?,
+            balance: money(row.get(12))?,
+            seq: row.get(13),
+        }),
+        None => None,
+    };
+    Ok(PersonRecord {
+        psn_no: row.get(0),
+        name: row.get(1),
+        birth_date: row.get(2),
+        region: row.get(3),
+        category: parse(row.get(4), PersonCategory::parse)?,
+        status: parse(row.get(5), InsuranceStatus::parse)?,
+        card_status: parse(row.get(6), CardStatus::parse)?,
+        no_pin_tier: row.get(7),
+        pin_set: row.get(8),
+        pin_locked_until: row.get(9),
+        account,
+    })
+}
+
+fn j_str(value: &Value, key: &str) -> LedgerResult<String> {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| corrupt(key))
+}
+
+fn j_opt_str(value: &Value, key: &str) -> Option<String> {
+    value.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn j_money(value: &Value, key: &str) -> LedgerResult<Money> {
+    Money::from_ledger_text(&j_str(value, key)?).ok_or_else(|| corrupt(key))
+}
+
+fn j_i64(value: &Value, key: &str) -> LedgerResult<i64> {
+    value
+        .get(key)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| corrupt(key))
+}
+
+fn j_bool(value: &Value, key: &str) -> LedgerResult<bool> {
+    value
+        .get(key)
+        .and_then(Value::as_bool)
+        .ok_or_else(|| corrupt(key))
+}
+
+fn j_time(value: &Value, key: &str) -> LedgerResult<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(j_i64(value, key)?).ok_or_else(|| corrupt(key))
+}
+
+fn j_items<'a>(value: &'a Value, key: &str) -> LedgerResult<&'a Vec<Value>> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| corrupt(key))
+}
+
+fn settlement_from_json(value: &Value) -> LedgerResult<SettlementRecord> {
+    let debits = j_items(value, "debits")?
+        .iter()
+        .map(|d| {
+            Ok(DebitRecord {
+                account_id: j_i64(d, "account_id")?,
+                owner_psn_no: j_str(d, "owner_psn_no")?,
+                amount: j_money(d, "amount")?,
+                refunded: j_money(d, "refunded")?,
+                family: j_bool(d, "family")?,
+            })
+        })
+        .collect::<LedgerResult<Vec<_>>>()?;
+    Ok(SettlementRecord {
+        setl_id: j_str(value, "setl_id")?,
+        institution_code: j_str(value, "institution_code")?,
+        request_id: j_str(value, "request_id")?,
+        fingerprint: j_str(value, "fingerprint")?,
+        psn_no: j_str(value, "psn_no")?,
+        status: parse(&j_str(value, "status")?, SettlementStatus::parse)?,
+        amount: j_money(value, "amount")?,
+        acct_pay: j_money(value, "acct_pay")?,
+        acct_mulaid_pay: j_money(value, "mulaid")?,
+        psn_cash_pay: j_money(value, "cash")?,
+        balc: j_money(value, "balc")?,
+        refunded: j_money(value, "refunded")?,
+        channel: opt_parse(j_opt_str(value, "channel"), Channel::parse)?,
+        category: opt_parse(j_opt_str(value, "category"), Category::parse)?,
+        auth_method: opt_parse(j_opt_str(value, "auth_method"), AuthMethod::parse)?,
+        mdtrt_id: j_str(value, "mdtrt_id")?,
+        beneficiary_psn_no: j_str(value, "beneficiary_psn_no")?,
+        settled_at: j_time(value, "settled_at_us")?,
+        debits,
+        tombstone: j_bool(value, "tombstone")?,
+    })
+}
+
+fn refund_from_json(value: &Value) -> LedgerResult<RefundRecord> {
+    let credits = j_items(value, "credits")?
+        .iter()
+        .map(|c| {
+            Ok(DebitLine {
+                account_id: j_i64(c, "account_id")?,
+                owner_psn_no: j_str(c, "owner_psn_no")?,
+                amount: j_money(c, "amount")?,
+                family: j_bool(c, "family")?,
+            })
+        })
+        .collect::<LedgerResult<Vec<_>>>()?;
+    Ok(RefundRecord {
+        refund_id: j_str(value, "refund_id")?,
+        institution_code: j_str(value, "institution_code")?,
+        request_id: j_str(value, "request_id")?,
+        fingerprint: j_str(value, "fingerprint")?,
+        setl_id: j_str(value, "setl_id")?,
+        amount: j_money(value, "amount")?,
+        credits,
+        settlement_status: parse(&j_str(value, "status_after")?, SettlementStatus::parse)?,
+        refunded_total: j_money(value, "refunded_total")?,
+        refundable: j_money(value, "refundable_after")?,
+        at: j_time(value, "at_us")?,
+    })
+}
+
+fn adjustment_from_json(value: &Value) -> LedgerResult<AdjustmentRecord> {
+    Ok(AdjustmentRecord {
+        request_id: j_str(value, "request_id")?,
+        fingerprint: j_str(value, "fingerprint")?,
+        psn_no: j_str(value, "psn_no")?,
+        entry_id: j_i64(value, "entry_id")?,
+        delta: j_money(value, "delta")?,
+        balance_after: j_money(value, "balance_after")?,
+        at: j_time(value, "at_us")?,
+    })
+}
+
+fn changes_from_json(value: &Value) -> LedgerResult<Vec<BalanceChange>> {
+    j_items(value, "changes")?
+        .iter()
+        .map(|c| {
+            Ok(BalanceChange {
+                account_id: j_i64(c, "account_id")?,
+                balance_after: j_money(c, "balance_after")?,
+                seq: j_i64(c, "seq")?,
+            })
+        })
+        .collect()
+}
+
+fn outcome_from_json(value: &Value) -> LedgerResult<WriteResult> {
+    if let Some(decline) = value.get("decline").and_then(Value::as_str) {
+        let account_id = value.get("account_id").and_then(Value::as_i64).unwrap_or(0);
+        return Ok(Err(match decline {
+            "ORIGINAL_REVERSED" => WriteDecline::OriginalReversed,
+            "NOT_FOUND" => WriteDecline::NotFound,
+            "REFUND_EXCEEDS_PAID" => WriteDecline::RefundExceedsPaid {
+                refundable: j_money(value, "refundable")?,
+            },
+            "INSUFFICIENT_BALANCE" => WriteDecline::InsufficientBalance { account_id },
+            "ACCOUNT_NOT_OPEN" => WriteDecline::AccountNotOpen {
+                account_id,
+                status: j_opt_str(value, "status")
+                    .and_then(|s| AccountStatus::parse(&s))
+                    .unwrap_or(AccountStatus::Closed),
+            },
+            "NO_PIN_DAILY_EXCEEDED" => WriteDecline::NoPinDailyExceeded {
+                used: j_money(value, "used")?,
+            },
+            "REQUEST_ID_REUSED" => WriteDecline::RequestIdReused,
+            // A deadlock or a race with another gateway: nothing applied; the caller may retry.
+            "HOLD_EXPIRED" | "RETRY" => WriteDecline::HoldExpired,
+            other => return Err(corrupt(other)),
+        }));
+    }
+    let record = value.get("record").ok_or_else(|| corrupt("record"))?;
+    Ok(Ok(match value.get("outcome").and_then(Value::as_str) {
+        Some("settled") => WriteOutcome::Settled {
+            record: settlement_from_json(record)?,
+            changes: changes_from_json(value)?,
+        },
+        Some("settlement_exists") => WriteOutcome::SettlementExists(settlement_from_json(record)?),
+        Some("refunded") => WriteOutcome::Refunded {
+            record: refund_from_json(record)?,
+            changes: changes_from_json(value)?,
+        },
+        Some("refund_exists") => WriteOutcome::RefundExists(refund_from_json(record)?),
+        Some("reversed") => WriteOutcome::Reversed {
+            record: settlement_from_json(record)?,
+            changes: changes_from_json(value)?,
+        },
+        Some("adjusted") => WriteOutcome::Adjusted {
+            record: adjustment_from_json(record)?,
+            changes: changes_from_json(value)?,
+        },
+        Some("adjustment_exists") => WriteOutcome::AdjustmentExists(adjustment_from_json(record)?),
+        _ => return Err(corrupt("outcome")),
+    }))
+}
+
+fn write_to_json(write: &LedgerWrite) -> Value {
+    let day = |d: NaiveDate| d.format("%Y-%m-%d").to_string();
+    let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    match write {
+        LedgerWrite::Settle(s) => json!({
+            "kind": "settle", "setl_id": s.setl_id, "institution_code": s.institution_code, "request_id": s.request_id,
+            "fingerprint": s.fingerprint, "psn_no": s.psn_no, "amount": s.amount.to_string(), "channel": s.channel.name(),
+            "category": s.category.name(), "auth_method": s.auth_method.name(), "mdtrt_id": s.mdtrt_id,
+            "beneficiary_psn_no": s.beneficiary_psn_no,
+            "debits": s.debits.iter().map(|d| json!({
+                "account_id": d.account_id, "owner_psn_no": d.owner_psn_no, "amount": d.amount.to_string(), "family": d.family,
+            })).collect::<Vec<_>>(),
+            "own_account": s.own_account, "no_pin_daily_max": s.no_pin_daily_max.map(|m| m.to_string()),
+            "hold_deadline_ms": s.hold_deadline_ms, "business_date": day(s.business_date), "at": at(s.at),
+        }),
+        LedgerWrite::Refund(r) => json!({
+            "kind": "refund", "refund_id": r.refund_id, "institution_code": r.institution_code, "request_id": r.request_id,
+            "fingerprint": r.fingerprint, "setl_id": r.setl_id, "amount": r.amount.map(|m| m.to_string()),
+            "business_date": day(r.business_date), "at": at(r.at),
+        }),
+        LedgerWrite::Reverse(r) => json!({
+            "kind": "reverse", "institution_code": r.institution_code, "original_request_id": r.original_request_id,
+            "tombstone_setl_id": r.tombstone_setl_id, "business_date": day(r.business_date), "at": at(r.at),
+        }),
+        LedgerWrite::Adjust(a) => json!({
+            "kind": "adjust", "request_id": a.request_id, "hold_id": a.hold_id, "hold_deadline_ms": a.hold_deadline_ms,
+            "fingerprint": a.fingerprint, "psn_no": a.psn_no, "account_id": a.account_id, "delta": a.delta.to_string(),
+            "reason": a.reason, "value_date": day(a.value_date), "business_date": day(a.business_date), "at": at(a.at),
+        }),
+    }
+}
+
+fn family_source(row: &Row) -> LedgerResult<FamilySource> {
+    Ok(FamilySource {
+        owner_psn_no: row.get(0),
+        relation: parse(row.get(1), Relation::parse)?,
+        effective_from: row.get(2),
+        account: AccountRecord {
+            id: row.get(3),
+            status: parse(row.get(4), AccountStatus::parse)?,
+            balance: money(row.get(5))?,
+            seq: row.get(6),
+        },
+    })
+}
+
+const USABLE_SOURCES: &str =
+    "SELECT l.owner_psn_no, l.relation, l.effective_from, a.account_id, a.status, a.balance, a.seq
+     FROM family_links l
+     JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
+     JOIN accounts a ON a.psn_no = l.owner_psn_no
+     WHERE l.member_psn_no = $1 AND l.revoked_at IS NULL
+     ORDER BY o.position, l.link_id";
+
+const NO_PIN_USED: &str = "SELECT COALESCE(SUM(acct_pay + mulaid), 0) FROM settlements
+     WHERE psn_no = $1 AND business_date = $2 AND auth_method = 'NO_PIN_LIMIT' AND status <> 'REVERSED'";
+
+fn family_link(row: &Row, revoked: bool) -> LedgerResult<FamilyLinkRecord> {
+    Ok(FamilyLinkRecord {
+        owner_psn_no: row.get(0),
+        member_psn_no: row.get(1),
+        relation: parse(row.get(2), Relation::parse)?,
+        effective_from: row.get(3),
+        registered_at: row.get(4),
+        revoked,
+    })
+}
+
+#[async_trait]
+impl Ledger for PostgresLedger {
+    async fn commit_batch(&self, writes: Vec<LedgerWrite>) -> LedgerResult<Vec<WriteResult>> {
+        let count = writes.len();
+        let payload = Value::Array(writes.iter().map(write_to_json).collect());
+        let now_ms = crate::cache::memory::unix_ms() as i64;
+        let client = self.client().await?;
+        let statement =
+            deadline(client.prepare_cached("SELECT yibao_commit($1::jsonb, $2)")).await?;
+        // One statement in autocommit: the whole batch commits (durably) or nothing does.
+        let row = deadline(client.query_one(&statement, &[&payload, &now_ms])).await?;
+        let results: Value = row.get(0);
+        let results = results.as_array().ok_or_else(|| corrupt("batch results"))?;
+        if results.len() != count {
+            return Err(corrupt("one outcome per write"));
+        }
+        results.iter().map(outcome_from_json).collect()
+    }
+
+    async fn ping(&self) -> LedgerResult<()> {
+        self.query_opt("SELECT 1", &[]).await.map(|_| ())
+    }
+
+    async fn person(&self, psn_no: &str) -> LedgerResult<Option<PersonRecord>> {
+        self.query_opt(PERSON_SELECT, &[&psn_no])
+            .await?
+            .as_ref()
+            .map(person_from_row)
+            .transpose()
+    }
+
+    async fn payer_context(
+        &self,
+        psn_no: &str,
+        today: NaiveDate,
+    ) -> LedgerResult<Option<PayerContext>> {
+        let client = self.client().await?;
+        let (person, pin, family, used) = (
+            deadline(client.prepare_cached(PERSON_SELECT)).await?,
+            deadline(client.prepare_cached("SELECT phc, failed_count FROM pins WHERE psn_no = $1"))
+                .await?,
+            deadline(client.prepare_cached(USABLE_SOURCES)).await?,
+            deadline(client.prepare_cached(NO_PIN_USED)).await?,
+        );
+        // Four reads pipelined on one connection: one round trip's worth of latency.
+        let by_person: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&psn_no];
+        let by_person_and_day: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&psn_no, &today];
+        let (person, pin, family, used) = deadline(async {
+            tokio::try_join!(
+                client.query_opt(&person, &by_person),
+                client.query_opt(&pin, &by_person),
+                client.query(&family, &by_person),
+                client.query_one(&used, &by_person_and_day),
+            )
+        })
+        .await?;
+        let Some(person) = person else {
+            return Ok(None);
+        };
+        Ok(Some(PayerContext {
+            person: person_from_row(&person)?,
+            family: family
+                .iter()
+                .map(family_source)
+                .collect::<LedgerResult<_>>()?,
+            pin_phc: pin.as_ref().map(|row| row.get(0)),
+            pin_failures: pin
+                .as_ref()
+                .map(|row| row.get::<_, i32>(1) as u32)
+                .unwrap_or(0),
+            no_pin_used_today: money(used.get(0))?,
+        }))
+    }
+
+    async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>> {
+        let row = self
+            .query_opt(
+                "SELECT balance, seq FROM accounts WHERE account_id = $1",
+                &[&account_id],
+            )
+            .await?;
+        row.map(|row| Ok((money(row.get(0))?, row.get(1))))
+            .transpose()
+    }
+
+    async fn settlement(&self, key: SettlementKey) -> LedgerResult<Option<SettlementRecord>> {
+        let row = match &key {
+            SettlementKey::SetlId(setl_id) => self.query_opt("SELECT yibao_settlement_json($1)", &[setl_id]).await?,
+            SettlementKey::Request { institution_code, request_id } => {
+                self.query_opt(
+                    "SELECT yibao_settlement_json(setl_id) FROM settlements WHERE institution_code = $1 AND request_id = $2",
+                    &[institution_code, request_id],
+                )
+                .await?
+            }
+        };
+        match row.and_then(|row| row.get::<_, Option<Value>>(0)) {
+            Some(value) => settlement_from_json(&value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn refund_by_request(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+    ) -> LedgerResult<Option<RefundRecord>> {
+        let row = self
+            .query_opt(
+                "SELECT yibao_refund_json(refund_id) FROM refunds WHERE institution_code = $1 AND request_id = $2",
+                &[&institution_code, &request_id],
+            )
+            .await?;
+        match row.and_then(|row| row.get::<_, Option<Value>>(0)) {
+            Some(value) => refund_from_json(&value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool> {
+        let row = self
+            .query_opt(
+                "SELECT 1 FROM settlements WHERE setl_id = $1 AND NOT tombstone
+                 UNION ALL SELECT 1 FROM adjustments WHERE hold_id = $1 AND hold_id <> '' LIMIT 1",
+                &[&hold_id],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>> {
+        let limit = query.limit as i64;
+        let rows = self
+            .query(
+                "SELECT p.posting_id, t.kind, p.family_use, p.amount, p.balance_after, t.at, t.value_date, p.setl_id,
+                        p.counterparty, t.memo
+                 FROM postings p JOIN txns t ON t.txn_id = p.txn_id
+                 WHERE p.account_id = $1 AND ($2::date IS NULL OR p.business_date >= $2)
+                   AND ($3::date IS NULL OR p.business_date <= $3) AND ($4::bigint IS NULL OR p.posting_id < $4)
+                 ORDER BY p.posting_id DESC LIMIT $5",
+                &[&query.account_id, &query.from, &query.to, &query.before_entry, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EntryRecord {
+                    entry_id: row.get(0),
+                    kind: parse(row.get(1), TxnKind::parse)?,
+                    family_use: row.get(2),
+                    amount: money(row.get(3))?,
+                    balance_after: money(row.get(4))?,
+                    at: row.get(5),
+                    value_date: row.get(6),
+                    setl_id: row.get(7),
+                    counterparty: row.get(8),
+                    memo: row.get(9),
+                })
+            })
+            .collect()
+    }
+
+    async fn family(&self, psn_no: &str, _today: NaiveDate) -> LedgerResult<FamilyView> {
+        let members = self
+            .query(
+                "SELECT owner_psn_no, member_psn_no, relation, effective_from, registered_at FROM family_links
+                 WHERE owner_psn_no = $1 AND revoked_at IS NULL ORDER BY link_id",
+                &[&psn_no],
+            )
+            .await?
+            .iter()
+            .map(|row| family_link(row, false))
+            .collect::<LedgerResult<Vec<_>>>()?;
+        let usable = self
+            .query(USABLE_SOURCES, &[&psn_no])
+            .await?
+            .iter()
+            .map(|row| {
+                let source = family_source(row)?;
+                Ok(UsableRecord {
+                    owner_psn_no: source.owner_psn_no,
+                    relation: source.relation,
+                    effective_from: source.effective_from,
+                    account_status: source.account.status,
+                })
+            })
+            .collect::<LedgerResult<Vec<_>>>()?;
+        Ok(FamilyView { members, usable })
+    }
+
+    async fn principal(&self, key_hash: &str) -> LedgerResult<Option<Principal>> {
+        let row = self
+            .query_opt(
+                "SELECT k.key_id, k.role, i.code, i.name, i.kind, i.region FROM api_keys k
+                 LEFT JOIN institutions i ON i.code = k.institution_code WHERE k.key_hash = $1",
+                &[&key_hash],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let code: Option<String> = row.get(2);
+        let institution = match code {
+            Some(code) => Some(InstitutionRecord {
+                code,
+                name: row.get(3),
+                kind: parse(row.get(4), InstitutionKind::parse)?,
+                region: row.get(5),
+            }),
+            None => None,
+        };
+        Ok(Some(Principal {
+            key_id: row.get(0),
+            role: parse(row.get(1), Role::parse)?,
+            institution,
+        }))
+    }
+
+    async fn institution(&self, code: &str) -> LedgerResult<Option<InstitutionRecord>> {
+        let row = self
+            .query_opt(
+                "SELECT code, name, kind, region FROM institutions WHERE code = $1",
+                &[&code],
+            )
+            .await?;
+        row.map(|row| {
+            Ok(InstitutionRecord {
+                code: row.get(0),
+                name: row.get(1),
+                kind: parse(row.get(2), InstitutionKind::parse)?,
+                region: row.get(3),
+            })
+        })
+        .transpose()
+    }
+
+    async fn trial_balance(&self) -> LedgerResult<TrialBalance> {
+        let row = self
+            .query_opt(
+                "SELECT COALESCE(SUM(balance) FILTER (WHERE psn_no IS NOT NULL), 0),
+                        COALESCE(SUM(balance) FILTER (WHERE system_code IS NOT NULL), 0),
+                        (SELECT COUNT(*) FROM (SELECT txn_id FROM postings GROUP BY txn_id HAVING SUM(amount) <> 0) u),
+                        (SELECT COUNT(*) FROM accounts a WHERE a.balance <>
+                            (SELECT COALESCE(SUM(amount), 0) FROM postings p WHERE p.account_id = a.account_id))
+                 FROM accounts",
+                &[],
+            )
+            .await?
+            .ok_or_else(|| corrupt("trial balance"))?;
+        Ok(TrialBalance {
+            personal: money(row.get(0))?,
+            system: money(row.get(1))?,
+            unbalanced_txns: row.get(2),
+            drifted_accounts: row.get(3),
+        })
+    }
+
+    async fn upsert_person(
+        &self,
+        person: PersonUpsert,
+        open_account: bool,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<PersonRecord> {
+        let mut client = self.client().await?;
+        let tx = deadline(client.transaction()).await?;
+        deadline(tx.execute(
+            "INSERT INTO persons (psn_no, name, birth_date, region, category, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+             ON CONFLICT (psn_no) DO UPDATE SET name = excluded.name, birth_date = excluded.birth_date,
+                 region = excluded.region, category = excluded.category, status = excluded.status,
+                 updated_at = excluded.updated_at",
+            &[&person.psn_no, &person.name, &person.birth_date, &person.region, &person.category.name(), &person.status.name(), &at],
+        ))
+        .await?;
+        if open_account {
+            deadline(tx.execute(
+                "INSERT INTO accounts (psn_no, status, opened_at) VALUES ($1, 'OPEN', $2) ON CONFLICT (psn_no) DO NOTHING",
+                &[&person.psn_no, &at],
+            ))
+            .await?;
+        }
+        let row = deadline(tx.query_one(PERSON_SELECT, &[&person.psn_no])).await?;
+        let record = person_from_row(&row)?;
+        deadline(tx.commit()).await?;
+        Ok(record)
+    }
+
+    async fn register_institution(
+        &self,
+        institution: InstitutionRecord,
+        key: NewApiKey,
+    ) -> LedgerResult<Result<(), AlreadyExists>> {
+        let mut client = self.client().await?;
+        let tx = deadline(client.transaction()).await?;
+        let inserted = deadline(tx.execute(
+            "INSERT INTO institutions (code, name, kind, region, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (code) DO NOTHING",
+            &[&institution.code, &institution.name, &institution.kind.name(), &institution.region, &key.at],
+        ))
+        .await?;
+        if inserted == 0 {
+            return Ok(Err(AlreadyExists));
+        }
+        deadline(tx.execute(
+            INSERT_KEY,
+            &[
+                &key.key_hash,
+                &key.key_id,
+                &key.role.name(),
+                &key.institution_code,
+                &key.label,
+                &key.at,
+            ],
+        ))
+        .await?;
+        deadline(tx.commit()).await?;
+        Ok(Ok(()))
+    }
+
+    async fn insert_api_key(&self, key: NewApiKey) -> LedgerResult<()> {
+        self.execute(
+            INSERT_KEY,
+            &[
+                &key.key_hash,
+                &key.key_id,
+                &key.role.name(),
+                &key.institution_code,
+                &key.label,
+                &key.at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn store_pin(&self, psn_no: &str, phc: &str, only_if_unset: bool) -> LedgerResult<bool> {
+        let now = Utc::now();
+        let changed = if only_if_unset {
+            self.execute(
+                "INSERT INTO pins (psn_no, phc, failed_count, updated_at) VALUES ($1, $2, 0, $3) ON CONFLICT (psn_no) DO NOTHING",
+                &[&psn_no, &phc, &now],
+            )
+            .await?
+        } else {
+            self.execute(
+                "INSERT INTO pins (psn_no, phc, failed_count, updated_at) VALUES ($1, $2, 0, $3)
+                 ON CONFLICT (psn_no) DO UPDATE SET phc = excluded.phc, failed_count = 0, locked_until = NULL,
+                     updated_at = excluded.updated_at",
+                &[&psn_no, &phc, &now],
+            )
+            .await?
+        };
+        Ok(changed == 1)
+    }
+
+    async fn pin_attempt_begin(
+        &self,
+        psn_no: &str,
+        today: NaiveDate,
+        lockout_failures: u32,
+    ) -> LedgerResult<PinAttempt> {
+        // One statement, atomic across gateways: a lock that ran out starts a fresh count.
+        let row = self
+            .query_opt(
+                "WITH current AS (SELECT failed_count, locked_until FROM pins WHERE psn_no = $1 FOR UPDATE),
+                 decided AS (
+                     SELECT CASE WHEN locked_until IS NOT NULL AND $2 < locked_until THEN NULL
+                                 WHEN locked_until IS NOT NULL THEN 1 ELSE failed_count + 1 END AS failures,
+                            locked_until FROM current)
+                 UPDATE pins SET failed_count = d.failures,
+                     locked_until = CASE WHEN d.failures >= $3 THEN $2 + 1 ELSE NULL END, updated_at = now()
+                 FROM decided d WHERE pins.psn_no = $1 AND d.failures IS NOT NULL
+                 RETURNING pins.failed_count",
+                &[&psn_no, &today, &(lockout_failures as i32)],
+            )
+            .await?;
+        if let Some(row) = row {
+            return Ok(PinAttempt::Proceed {
+                failures: row.get::<_, i32>(0) as u32,
+            });
+        }
+        let state = self
+            .query_opt(
+                "SELECT locked_until FROM pins WHERE psn_no = $1",
+                &[&psn_no],
+            )
+            .await?;
+        Ok(match state {
+            None => PinAttempt::NotSet,
+            Some(row) => match row.get::<_, Option<NaiveDate>>(0) {
+                Some(until) => PinAttempt::Locked { until },
+                None => PinAttempt::NotSet,
+            },
+        })
+    }
+
+    async fn pin_attempt_succeeded(&self, psn_no: &str) -> LedgerResult<()> {
+        self.execute(
+            "UPDATE pins SET failed_count = 0, locked_until = NULL WHERE psn_no = $1",
+            &[&psn_no],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_card_status(&self, psn_no: &str, status: CardStatus) -> LedgerResult<()> {
+        self.execute(
+            "UPDATE persons SET card_status = $1 WHERE psn_no = $2",
+            &[&status.name(), &psn_no],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_no_pin_tier(&self, psn_no: &str, tier: Option<&str>) -> LedgerResult<()> {
+        self.execute(
+            "UPDATE persons SET no_pin_tier = $1 WHERE psn_no = $2",
+            &[&tier, &psn_no],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()> {
+        self.execute(
+            "UPDATE accounts SET status = $1 WHERE psn_no = $2",
+            &[&status.name(), &psn_no],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn register_family(
+        &self,
+        link: NewFamilyLink,
+    ) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>> {
+        let mut client = self.client().await?;
+        let tx = deadline(client.transaction()).await?;
+        let inserted = deadline(tx.execute(
+            "INSERT INTO family_links (owner_psn_no, member_psn_no, relation, effective_from, registered_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner_psn_no, member_psn_no) WHERE revoked_at IS NULL DO NOTHING",
+            &[&link.owner_psn_no, &link.member_psn_no, &link.relation.name(), &link.effective_from, &link.at],
+        ))
+        .await?;
+        if inserted == 0 {
+            return Ok(Err(AlreadyExists));
+        }
+        // Default order: order of registration (DESIGN §1 Paying 1).
+        deadline(tx.execute(
+            "INSERT INTO family_order (member_psn_no, owner_psn_no, position)
+             VALUES ($1, $2, (SELECT COALESCE(MAX(position), 0) + 1 FROM family_order WHERE member_psn_no = $1))
+             ON CONFLICT (member_psn_no, owner_psn_no) DO UPDATE SET position = excluded.position",
+            &[&link.member_psn_no, &link.owner_psn_no],
+        ))
+        .await?;
+        deadline(tx.commit()).await?;
+        Ok(Ok(FamilyLinkRecord {
+            owner_psn_no: link.owner_psn_no,
+            member_psn_no: link.member_psn_no,
+            relation: link.relation,
+            effective_from: link.effective_from,
+            registered_at: link.at,
+            revoked: false,
+        }))
+    }
+
+    async fn revoke_family(
+        &self,
+        owner: &str,
+        member: &str,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<Option<FamilyLinkRecord>> {
+        let mut client = self.client().await?;
+        let tx = deadline(client.transaction()).await?;
+        let row = deadline(tx.query_opt(
+            "UPDATE family_links SET revoked_at = $1 WHERE owner_psn_no = $2 AND member_psn_no = $3 AND revoked_at IS NULL
+             RETURNING owner_psn_no, member_psn_no, relation, effective_from, registered_at",
+            &[&at, &owner, &member],
+        ))
+        .await?;
+        deadline(tx.execute(
+            "DELETE FROM family_order WHERE member_psn_no = $1 AND owner_psn_no = $2",
+            &[&member, &owner],
+        ))
+        .await?;
+        deadline(tx.commit()).await?;
+        row.map(|row| family_link(&row, true)).transpose()
+    }
+
+    async fn set_deduction_order(&self, member: &str, owners: &[String]) -> LedgerResult<bool> {
+        let mut client = self.client().await?;
+        let tx = deadline(client.transaction()).await?;
+        let rows = deadline(tx.query(
+            "SELECT owner_psn_no FROM family_order WHERE member_psn_no = $1 FOR UPDATE",
+            &[&member],
+        ))
+        .await?;
+        let mut current: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        let mut wanted = owners.to_vec();
+        current.sort();
+        wanted.sort();
+        if current != wanted {
+            return Ok(false);
+        }
+        for (position, owner) in owners.iter().enumerate() {
+            deadline(tx.execute(
+                "UPDATE family_order SET position = $1 WHERE member_psn_no = $2 AND owner_psn_no = $3",
+                &[&(position as i32 + 1), &member, owner],
+            ))
+            .await?;
+        }
+        deadline(tx.commit()).await?;
+        Ok(true)
+    }
+}
+
+const INSERT_KEY: &str =
+    "INSERT INTO api_keys (key_hash, key_id, role, institution_code, label, created_at) VALUES ($1, $2, $3, $4, $5, $6)";

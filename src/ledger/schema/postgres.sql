@@ -1,0 +1,535 @@
+-- The production ledger's schema (version 1) and its write procedures.
+--
+-- Amounts are NUMERIC(18,2). A personal balance can never go below zero: the CHECK below refuses
+-- it in the same transaction that writes the postings. Postings and transaction headers are
+-- append-only (triggers refuse UPDATE and DELETE). yibao_commit() applies a whole batch of writes
+-- in one round trip, each inside its own subtransaction (an exception block), so one refused
+-- write never fails the others; it returns one outcome per write.
+
+CREATE TABLE IF NOT EXISTS persons (
+    psn_no      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    birth_date  DATE NOT NULL,
+    region      TEXT NOT NULL,
+    category    TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    card_status TEXT NOT NULL DEFAULT 'NORMAL',
+    no_pin_tier TEXT,
+    created_at  TIMESTAMPTZ NOT NULL,
+    updated_at  TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id  BIGSERIAL PRIMARY KEY,
+    psn_no      TEXT UNIQUE REFERENCES persons(psn_no),
+    system_code TEXT UNIQUE,
+    status      TEXT NOT NULL,
+    balance     NUMERIC(18,2) NOT NULL DEFAULT 0,
+    seq         BIGINT NOT NULL DEFAULT 0,
+    opened_at   TIMESTAMPTZ NOT NULL,
+    CONSTRAINT personal_or_system CHECK ((psn_no IS NULL) <> (system_code IS NULL)),
+    CONSTRAINT personal_balance_not_negative CHECK (system_code IS NOT NULL OR balance >= 0)
+);
+
+CREATE TABLE IF NOT EXISTS txns (
+    txn_id        BIGSERIAL PRIMARY KEY,
+    kind          TEXT NOT NULL,
+    ref           TEXT NOT NULL,
+    at            TIMESTAMPTZ NOT NULL,
+    business_date DATE NOT NULL,
+    value_date    DATE NOT NULL,
+    memo          TEXT NOT NULL DEFAULT ''
+);
+
+CREATE TABLE IF NOT EXISTS postings (
+    posting_id    BIGSERIAL PRIMARY KEY,
+    txn_id        BIGINT NOT NULL REFERENCES txns(txn_id),
+    account_id    BIGINT NOT NULL REFERENCES accounts(account_id),
+    amount        NUMERIC(18,2) NOT NULL,
+    balance_after NUMERIC(18,2) NOT NULL,
+    seq           BIGINT NOT NULL,
+    family_use    BOOLEAN NOT NULL DEFAULT FALSE,
+    setl_id       TEXT NOT NULL DEFAULT '',
+    counterparty  TEXT NOT NULL DEFAULT '',
+    business_date DATE NOT NULL
+);
+CREATE INDEX IF NOT EXISTS postings_by_account ON postings(account_id, posting_id);
+CREATE INDEX IF NOT EXISTS postings_by_txn ON postings(txn_id);
+
+CREATE OR REPLACE FUNCTION yibao_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is append-only', TG_TABLE_NAME;
+END $$;
+CREATE OR REPLACE TRIGGER postings_append_only BEFORE UPDATE OR DELETE ON postings
+    FOR EACH ROW EXECUTE FUNCTION yibao_append_only();
+CREATE OR REPLACE TRIGGER txns_append_only BEFORE UPDATE OR DELETE ON txns
+    FOR EACH ROW EXECUTE FUNCTION yibao_append_only();
+
+CREATE TABLE IF NOT EXISTS settlements (
+    setl_id            TEXT PRIMARY KEY,
+    institution_code   TEXT NOT NULL,
+    request_id         TEXT NOT NULL,
+    fingerprint        TEXT NOT NULL,
+    psn_no             TEXT NOT NULL,
+    status             TEXT NOT NULL,
+    amount             NUMERIC(18,2) NOT NULL,
+    acct_pay           NUMERIC(18,2) NOT NULL,
+    mulaid             NUMERIC(18,2) NOT NULL,
+    cash               NUMERIC(18,2) NOT NULL,
+    balc               NUMERIC(18,2) NOT NULL,
+    refunded           NUMERIC(18,2) NOT NULL DEFAULT 0,
+    channel            TEXT,
+    category           TEXT,
+    auth_method        TEXT,
+    mdtrt_id           TEXT NOT NULL DEFAULT '',
+    beneficiary_psn_no TEXT NOT NULL DEFAULT '',
+    business_date      DATE NOT NULL,
+    settled_at         TIMESTAMPTZ NOT NULL,
+    tombstone          BOOLEAN NOT NULL DEFAULT FALSE,
+    CONSTRAINT settlements_idempotency UNIQUE (institution_code, request_id),
+    CONSTRAINT refunds_within_paid CHECK (refunded >= 0 AND refunded <= acct_pay + mulaid)
+);
+CREATE INDEX IF NOT EXISTS settlements_no_pin ON settlements(psn_no, business_date);
+
+CREATE TABLE IF NOT EXISTS settlement_debits (
+    setl_id      TEXT NOT NULL REFERENCES settlements(setl_id),
+    position     INTEGER NOT NULL,
+    account_id   BIGINT NOT NULL,
+    owner_psn_no TEXT NOT NULL,
+    amount       NUMERIC(18,2) NOT NULL CHECK (amount > 0),
+    refunded     NUMERIC(18,2) NOT NULL DEFAULT 0,
+    family       BOOLEAN NOT NULL,
+    PRIMARY KEY (setl_id, position),
+    CONSTRAINT debit_refunds_within_amount CHECK (refunded >= 0 AND refunded <= amount)
+);
+
+CREATE TABLE IF NOT EXISTS refunds (
+    refund_id          TEXT PRIMARY KEY,
+    institution_code   TEXT NOT NULL,
+    request_id         TEXT NOT NULL,
+    fingerprint        TEXT NOT NULL,
+    setl_id            TEXT NOT NULL REFERENCES settlements(setl_id),
+    amount             NUMERIC(18,2) NOT NULL,
+    status_after       TEXT NOT NULL,
+    refunded_total     NUMERIC(18,2) NOT NULL,
+    refundable_after   NUMERIC(18,2) NOT NULL,
+    at                 TIMESTAMPTZ NOT NULL,
+    CONSTRAINT refunds_idempotency UNIQUE (institution_code, request_id)
+);
+
+CREATE TABLE IF NOT EXISTS refund_credits (
+    refund_id    TEXT NOT NULL REFERENCES refunds(refund_id),
+    position     INTEGER NOT NULL,
+    account_id   BIGINT NOT NULL,
+    owner_psn_no TEXT NOT NULL,
+    amount       NUMERIC(18,2) NOT NULL,
+    family       BOOLEAN NOT NULL,
+    PRIMARY KEY (refund_id, position)
+);
+
+CREATE TABLE IF NOT EXISTS adjustments (
+    request_id    TEXT PRIMARY KEY,
+    hold_id       TEXT NOT NULL DEFAULT '',
+    fingerprint   TEXT NOT NULL,
+    psn_no        TEXT NOT NULL,
+    posting_id    BIGINT NOT NULL,
+    delta         NUMERIC(18,2) NOT NULL,
+    balance_after NUMERIC(18,2) NOT NULL,
+    at            TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adjustments_by_hold ON adjustments(hold_id);
+
+CREATE TABLE IF NOT EXISTS pins (
+    psn_no       TEXT PRIMARY KEY REFERENCES persons(psn_no),
+    phc          TEXT NOT NULL,
+    failed_count INTEGER NOT NULL DEFAULT 0,
+    locked_until DATE,
+    updated_at   TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS family_links (
+    link_id        BIGSERIAL PRIMARY KEY,
+    owner_psn_no   TEXT NOT NULL REFERENCES persons(psn_no),
+    member_psn_no  TEXT NOT NULL REFERENCES persons(psn_no),
+    relation       TEXT NOT NULL,
+    effective_from DATE NOT NULL,
+    registered_at  TIMESTAMPTZ NOT NULL,
+    revoked_at     TIMESTAMPTZ
+);
+CREATE UNIQUE INDEX IF NOT EXISTS family_links_active
+    ON family_links(owner_psn_no, member_psn_no) WHERE revoked_at IS NULL;
+CREATE INDEX IF NOT EXISTS family_links_by_member ON family_links(member_psn_no);
+
+CREATE TABLE IF NOT EXISTS family_order (
+    member_psn_no TEXT NOT NULL,
+    owner_psn_no  TEXT NOT NULL,
+    position      INTEGER NOT NULL,
+    PRIMARY KEY (member_psn_no, owner_psn_no)
+);
+
+CREATE TABLE IF NOT EXISTS institutions (
+    code       TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    region     TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash         TEXT PRIMARY KEY,
+    key_id           TEXT NOT NULL UNIQUE,
+    role             TEXT NOT NULL,
+    institution_code TEXT REFERENCES institutions(code),
+    label            TEXT NOT NULL,
+    created_at       TIMESTAMPTZ NOT NULL
+);
+
+-- ---- write procedures ------------------------------------------------------------------------
+
+-- Microseconds since the epoch, for the JSON answers.
+CREATE OR REPLACE FUNCTION yibao_us(t TIMESTAMPTZ) RETURNS BIGINT LANGUAGE sql IMMUTABLE AS $$
+    SELECT (EXTRACT(EPOCH FROM t) * 1000000)::BIGINT
+$$;
+
+-- One posting: move the balance (a debit needs an OPEN account and enough money; the CHECK is the
+-- last word) and append the row. Raises YB001 (not open) or YB002 (insufficient) with the account.
+CREATE OR REPLACE FUNCTION yibao_post(
+    p_txn BIGINT, p_account BIGINT, p_delta NUMERIC, p_family BOOLEAN, p_setl TEXT, p_counterparty TEXT,
+    p_date DATE, OUT o_balance NUMERIC, OUT o_seq BIGINT, OUT o_posting BIGINT
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_status TEXT;
+BEGIN
+    UPDATE accounts SET balance = balance + p_delta, seq = seq + 1
+     WHERE account_id = p_account
+       AND (p_delta >= 0 OR system_code IS NOT NULL OR (status = 'OPEN' AND balance + p_delta >= 0))
+    RETURNING balance, seq INTO o_balance, o_seq;
+    IF NOT FOUND THEN
+        SELECT status INTO v_status FROM accounts WHERE account_id = p_account;
+        IF v_status = 'OPEN' THEN
+            RAISE EXCEPTION USING ERRCODE = 'YB002', MESSAGE = p_account::TEXT;
+        ELSE
+            RAISE EXCEPTION USING ERRCODE = 'YB001', MESSAGE = p_account::TEXT, DETAIL = COALESCE(v_status, 'CLOSED');
+        END IF;
+    END IF;
+    INSERT INTO postings (txn_id, account_id, amount, balance_after, seq, family_use, setl_id, counterparty, business_date)
+    VALUES (p_txn, p_account, p_delta, o_balance, o_seq, p_family, p_setl, p_counterparty, p_date)
+    RETURNING posting_id INTO o_posting;
+END $$;
+
+-- Closes a transaction: its postings must sum to zero.
+CREATE OR REPLACE FUNCTION yibao_close(p_txn BIGINT) RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT COALESCE(SUM(amount), 0) FROM postings WHERE txn_id = p_txn) <> 0 THEN
+        RAISE EXCEPTION 'unbalanced transaction %', p_txn;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION yibao_system(p_code TEXT) RETURNS BIGINT LANGUAGE sql STABLE AS $$
+    SELECT account_id FROM accounts WHERE system_code = p_code
+$$;
+
+CREATE OR REPLACE FUNCTION yibao_settlement_json(p_setl TEXT) RETURNS JSONB LANGUAGE sql VOLATILE AS $$
+    SELECT jsonb_build_object(
+        'setl_id', s.setl_id, 'institution_code', s.institution_code, 'request_id', s.request_id,
+        'fingerprint', s.fingerprint, 'psn_no', s.psn_no, 'status', s.status, 'amount', s.amount::TEXT,
+        'acct_pay', s.acct_pay::TEXT, 'mulaid', s.mulaid::TEXT, 'cash', s.cash::TEXT, 'balc', s.balc::TEXT,
+        'refunded', s.refunded::TEXT, 'channel', s.channel, 'category', s.category, 'auth_method', s.auth_method,
+        'mdtrt_id', s.mdtrt_id, 'beneficiary_psn_no', s.beneficiary_psn_no, 'settled_at_us', yibao_us(s.settled_at),
+        'tombstone', s.tombstone,
+        'debits', COALESCE((SELECT jsonb_agg(jsonb_build_object(
+                'account_id', d.account_id, 'owner_psn_no', d.owner_psn_no, 'amount', d.amount::TEXT,
+                'refunded', d.refunded::TEXT, 'family', d.family) ORDER BY d.position)
+            FROM settlement_debits d WHERE d.setl_id = s.setl_id), '[]'::JSONB))
+    FROM settlements s WHERE s.setl_id = p_setl
+$$;
+
+CREATE OR REPLACE FUNCTION yibao_refund_json(p_refund TEXT) RETURNS JSONB LANGUAGE sql VOLATILE AS $$
+    SELECT jsonb_build_object(
+        'refund_id', r.refund_id, 'institution_code', r.institution_code, 'request_id', r.request_id,
+        'fingerprint', r.fingerprint, 'setl_id', r.setl_id, 'amount', r.amount::TEXT, 'status_after', r.status_after,
+        'refunded_total', r.refunded_total::TEXT, 'refundable_after', r.refundable_after::TEXT, 'at_us', yibao_us(r.at),
+        'credits', COALESCE((SELECT jsonb_agg(jsonb_build_object(
+                'account_id', c.account_id, 'owner_psn_no', c.owner_psn_no, 'amount', c.amount::TEXT,
+                'family', c.family) ORDER BY c.position)
+            FROM refund_credits c WHERE c.refund_id = r.refund_id), '[]'::JSONB))
+    FROM refunds r WHERE r.refund_id = p_refund
+$$;
+
+CREATE OR REPLACE FUNCTION yibao_change(p_account BIGINT, p_balance NUMERIC, p_seq BIGINT) RETURNS JSONB
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('account_id', p_account, 'balance_after', p_balance::TEXT, 'seq', p_seq)
+$$;
+
+CREATE OR REPLACE FUNCTION yibao_settle(w JSONB, p_now_ms BIGINT) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_existing TEXT;
+    v_tomb BOOLEAN;
+    v_drawn NUMERIC := 0;
+    v_acct NUMERIC := 0;
+    v_used NUMERIC;
+    v_txn BIGINT;
+    v_debit JSONB;
+    v_post RECORD;
+    v_changes JSONB := '[]'::JSONB;
+    v_balc NUMERIC := 0;
+    v_pos INTEGER := 0;
+    v_date DATE := (w->>'business_date')::DATE;
+BEGIN
+    SELECT setl_id, tombstone INTO v_existing, v_tomb FROM settlements
+     WHERE institution_code = w->>'institution_code' AND request_id = w->>'request_id';
+    IF FOUND THEN
+        IF v_tomb THEN RETURN jsonb_build_object('decline', 'ORIGINAL_REVERSED'); END IF;
+        RETURN jsonb_build_object('outcome', 'settlement_exists', 'record', yibao_settlement_json(v_existing));
+    END IF;
+    IF EXISTS (SELECT 1 FROM refunds WHERE institution_code = w->>'institution_code' AND request_id = w->>'request_id') THEN
+        RETURN jsonb_build_object('decline', 'REQUEST_ID_REUSED');
+    END IF;
+    IF w->>'hold_deadline_ms' IS NOT NULL AND p_now_ms > (w->>'hold_deadline_ms')::BIGINT THEN
+        RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
+    END IF;
+    SELECT COALESCE(SUM((d->>'amount')::NUMERIC), 0) INTO v_drawn FROM jsonb_array_elements(w->'debits') d;
+    IF w->>'no_pin_daily_max' IS NOT NULL THEN
+        -- Serialise the payer's no-PIN payments across gateways, then count today's.
+        PERFORM 1 FROM persons WHERE psn_no = w->>'psn_no' FOR UPDATE;
+        SELECT COALESCE(SUM(acct_pay + mulaid), 0) INTO v_used FROM settlements
+         WHERE psn_no = w->>'psn_no' AND business_date = v_date AND auth_method = 'NO_PIN_LIMIT' AND status <> 'REVERSED';
+        IF v_used + v_drawn > (w->>'no_pin_daily_max')::NUMERIC THEN
+            RETURN jsonb_build_object('decline', 'NO_PIN_DAILY_EXCEEDED', 'used', v_used::TEXT);
+        END IF;
+    END IF;
+    INSERT INTO txns (kind, ref, at, business_date, value_date)
+    VALUES ('SETTLEMENT', w->>'setl_id', (w->>'at')::TIMESTAMPTZ, v_date, v_date) RETURNING txn_id INTO v_txn;
+    FOR v_debit IN SELECT * FROM jsonb_array_elements(w->'debits') LOOP
+        SELECT * INTO v_post FROM yibao_post(v_txn, (v_debit->>'account_id')::BIGINT, -((v_debit->>'amount')::NUMERIC),
+            (v_debit->>'family')::BOOLEAN, w->>'setl_id',
+            CASE WHEN (v_debit->>'family')::BOOLEAN THEN w->>'psn_no' ELSE w->>'institution_code' END, v_date);
+        v_changes := v_changes || yibao_change((v_debit->>'account_id')::BIGINT, v_post.o_balance, v_post.o_seq);
+        IF NOT (v_debit->>'family')::BOOLEAN THEN v_acct := v_acct + (v_debit->>'amount')::NUMERIC; END IF;
+    END LOOP;
+    IF v_drawn <> 0 THEN
+        PERFORM yibao_post(v_txn, yibao_system('INSTITUTION_PAYABLE'), v_drawn, FALSE, w->>'setl_id', w->>'institution_code', v_date);
+    END IF;
+    PERFORM yibao_close(v_txn);
+    IF w->>'own_account' IS NOT NULL THEN
+        SELECT balance INTO v_balc FROM accounts WHERE account_id = (w->>'own_account')::BIGINT;
+    END IF;
+    INSERT INTO settlements (setl_id, institution_code, request_id, fingerprint, psn_no, status, amount, acct_pay, mulaid,
+        cash, balc, channel, category, auth_method, mdtrt_id, beneficiary_psn_no, business_date, settled_at)
+    VALUES (w->>'setl_id', w->>'institution_code', w->>'request_id', w->>'fingerprint', w->>'psn_no', 'SETTLED',
+        (w->>'amount')::NUMERIC, v_acct, v_drawn - v_acct, (w->>'amount')::NUMERIC - v_drawn, v_balc, w->>'channel',
+        w->>'category', w->>'auth_method', w->>'mdtrt_id', w->>'beneficiary_psn_no', v_date, (w->>'at')::TIMESTAMPTZ);
+    FOR v_debit IN SELECT * FROM jsonb_array_elements(w->'debits') LOOP
+        INSERT INTO settlement_debits (setl_id, position, account_id, owner_psn_no, amount, family)
+        VALUES (w->>'setl_id', v_pos, (v_debit->>'account_id')::BIGINT, v_debit->>'owner_psn_no',
+            (v_debit->>'amount')::NUMERIC, (v_debit->>'family')::BOOLEAN);
+        v_pos := v_pos + 1;
+    END LOOP;
+    RETURN jsonb_build_object('outcome', 'settled', 'record', yibao_settlement_json(w->>'setl_id'), 'changes', v_changes);
+END $$;
+
+-- Credits back p_amounts[i] to debit i of a settlement (last-drawn first) and takes the total
+-- from the institution payable. Returns {changes, credits}.
+CREATE OR REPLACE FUNCTION yibao_credit_back(p_txn BIGINT, p_setl TEXT, p_amounts NUMERIC[], p_date DATE) RETURNS JSONB
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_s RECORD;
+    v_d RECORD;
+    v_post RECORD;
+    v_total NUMERIC := 0;
+    v_changes JSONB := '[]'::JSONB;
+    v_credits JSONB := '[]'::JSONB;
+BEGIN
+    SELECT * INTO v_s FROM settlements WHERE setl_id = p_setl;
+    FOR v_d IN SELECT * FROM settlement_debits WHERE setl_id = p_setl ORDER BY position DESC LOOP
+        CONTINUE WHEN p_amounts[v_d.position + 1] = 0;
+        SELECT * INTO v_post FROM yibao_post(p_txn, v_d.account_id, p_amounts[v_d.position + 1], v_d.family, p_setl,
+            CASE WHEN v_d.family THEN v_s.psn_no ELSE v_s.institution_code END, p_date);
+        UPDATE settlement_debits SET refunded = refunded + p_amounts[v_d.position + 1]
+         WHERE setl_id = p_setl AND position = v_d.position;
+        v_changes := v_changes || yibao_change(v_d.account_id, v_post.o_balance, v_post.o_seq);
+        v_credits := v_credits || jsonb_build_object('account_id', v_d.account_id, 'owner_psn_no', v_d.owner_psn_no,
+            'amount', p_amounts[v_d.position + 1]::TEXT, 'family', v_d.family);
+        v_total := v_total + p_amounts[v_d.position + 1];
+    END LOOP;
+    PERFORM yibao_post(p_txn, yibao_system('INSTITUTION_PAYABLE'), -v_total, FALSE, p_setl, v_s.institution_code, p_date);
+    PERFORM yibao_close(p_txn);
+    RETURN jsonb_build_object('changes', v_changes, 'credits', v_credits);
+END $$;
+
+CREATE OR REPLACE FUNCTION yibao_refund(w JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_existing TEXT;
+    v_s RECORD;
+    v_refundable NUMERIC;
+    v_amount NUMERIC;
+    v_left NUMERIC;
+    v_give NUMERIC;
+    v_amounts NUMERIC[];
+    v_d RECORD;
+    v_txn BIGINT;
+    v_back JSONB;
+    v_total NUMERIC;
+    v_status TEXT;
+    v_date DATE := (w->>'business_date')::DATE;
+    v_credit JSONB;
+    v_pos INTEGER := 0;
+BEGIN
+    SELECT refund_id INTO v_existing FROM refunds
+     WHERE institution_code = w->>'institution_code' AND request_id = w->>'request_id';
+    IF FOUND THEN
+        RETURN jsonb_build_object('outcome', 'refund_exists', 'record', yibao_refund_json(v_existing));
+    END IF;
+    IF EXISTS (SELECT 1 FROM settlements WHERE institution_code = w->>'institution_code' AND request_id = w->>'request_id') THEN
+        RETURN jsonb_build_object('decline', 'REQUEST_ID_REUSED');
+    END IF;
+    -- The row lock serialises refunds of one settlement, across gateways too.
+    SELECT * INTO v_s FROM settlements WHERE setl_id = w->>'setl_id' FOR UPDATE;
+    IF NOT FOUND OR v_s.institution_code <> w->>'institution_code' OR v_s.tombstone THEN
+        RETURN jsonb_build_object('decline', 'NOT_FOUND');
+    END IF;
+    v_refundable := CASE WHEN v_s.status = 'REVERSED' THEN 0 ELSE v_s.acct_pay + v_s.mulaid - v_s.refunded END;
+    v_amount := COALESCE((w->>'amount')::NUMERIC, v_refundable);
+    IF v_amount = 0 OR v_amount > v_refundable THEN
+        RETURN jsonb_build_object('decline', 'REFUND_EXCEEDS_PAID', 'refundable', v_refundable::TEXT);
+    END IF;
+    v_left := v_amount;
+    SELECT array_agg(0::NUMERIC) INTO v_amounts FROM settlement_debits WHERE setl_id = v_s.setl_id;
+    FOR v_d IN SELECT * FROM settlement_debits WHERE setl_id = v_s.setl_id ORDER BY position DESC LOOP
+        v_give := LEAST(v_left, v_d.amount - v_d.refunded);
+        v_amounts[v_d.position + 1] := v_give;
+        v_left := v_left - v_give;
+    END LOOP;
+    INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+    VALUES ('REFUND', w->>'refund_id', (w->>'at')::TIMESTAMPTZ, v_date, v_date, v_s.setl_id) RETURNING txn_id INTO v_txn;
+    v_back := yibao_credit_back(v_txn, v_s.setl_id, v_amounts, v_date);
+    v_total := v_s.refunded + v_amount;
+    v_status := CASE WHEN v_total = v_s.acct_pay + v_s.mulaid THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END;
+    UPDATE settlements SET refunded = v_total, status = v_status WHERE setl_id = v_s.setl_id;
+    INSERT INTO refunds (refund_id, institution_code, request_id, fingerprint, setl_id, amount, status_after,
+        refunded_total, refundable_after, at)
+    VALUES (w->>'refund_id', w->>'institution_code', w->>'request_id', w->>'fingerprint', v_s.setl_id, v_amount, v_status,
+        v_total, v_s.acct_pay + v_s.mulaid - v_total, (w->>'at')::TIMESTAMPTZ);
+    FOR v_credit IN SELECT * FROM jsonb_array_elements(v_back->'credits') LOOP
+        INSERT INTO refund_credits (refund_id, position, account_id, owner_psn_no, amount, family)
+        VALUES (w->>'refund_id', v_pos, (v_credit->>'account_id')::BIGINT, v_credit->>'owner_psn_no',
+            (v_credit->>'amount')::NUMERIC, (v_credit->>'family')::BOOLEAN);
+        v_pos := v_pos + 1;
+    END LOOP;
+    RETURN jsonb_build_object('outcome', 'refunded', 'record', yibao_refund_json(w->>'refund_id'), 'changes', v_back->'changes');
+END $$;
+
+CREATE OR REPLACE FUNCTION yibao_reverse(w JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_s RECORD;
+    v_amounts NUMERIC[];
+    v_txn BIGINT;
+    v_back JSONB := '{"changes": []}'::JSONB;
+    v_date DATE := (w->>'business_date')::DATE;
+BEGIN
+    SELECT * INTO v_s FROM settlements
+     WHERE institution_code = w->>'institution_code' AND request_id = w->>'original_request_id' FOR UPDATE;
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM refunds WHERE institution_code = w->>'institution_code' AND request_id = w->>'original_request_id') THEN
+            RETURN jsonb_build_object('decline', 'REQUEST_ID_REUSED');
+        END IF;
+        -- Never seen: keep a tombstone so that a late original is refused.
+        INSERT INTO settlements (setl_id, institution_code, request_id, fingerprint, psn_no, status, amount, acct_pay, mulaid,
+            cash, balc, business_date, settled_at, tombstone)
+        VALUES (w->>'tombstone_setl_id', w->>'institution_code', w->>'original_request_id', '', '', 'REVERSED', 0, 0, 0, 0, 0,
+            v_date, (w->>'at')::TIMESTAMPTZ, TRUE);
+        RETURN jsonb_build_object('outcome', 'reversed', 'record', yibao_settlement_json(w->>'tombstone_setl_id'), 'changes', '[]'::JSONB);
+    END IF;
+    IF v_s.status = 'REVERSED' THEN
+        RETURN jsonb_build_object('outcome', 'reversed', 'record', yibao_settlement_json(v_s.setl_id), 'changes', '[]'::JSONB);
+    END IF;
+    SELECT array_agg(amount - refunded ORDER BY position) INTO v_amounts FROM settlement_debits WHERE setl_id = v_s.setl_id;
+    IF v_amounts IS NOT NULL AND EXISTS (SELECT 1 FROM unnest(v_amounts) a WHERE a <> 0) THEN
+        INSERT INTO txns (kind, ref, at, business_date, value_date)
+        VALUES ('REVERSAL', v_s.setl_id, (w->>'at')::TIMESTAMPTZ, v_date, v_date) RETURNING txn_id INTO v_txn;
+        v_back := yibao_credit_back(v_txn, v_s.setl_id, v_amounts, v_date);
+    END IF;
+    UPDATE settlements SET status = 'REVERSED', refunded = acct_pay + mulaid WHERE setl_id = v_s.setl_id;
+    RETURN jsonb_build_object('outcome', 'reversed', 'record', yibao_settlement_json(v_s.setl_id), 'changes', v_back->'changes');
+END $$;
+
+CREATE OR REPLACE FUNCTION yibao_adjust(w JSONB, p_now_ms BIGINT) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_row adjustments%ROWTYPE;
+    v_txn BIGINT;
+    v_post RECORD;
+    v_date DATE := (w->>'business_date')::DATE;
+BEGIN
+    SELECT * INTO v_row FROM adjustments WHERE request_id = w->>'request_id';
+    IF NOT FOUND THEN
+        IF w->>'hold_deadline_ms' IS NOT NULL AND p_now_ms > (w->>'hold_deadline_ms')::BIGINT THEN
+            RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
+        END IF;
+        INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+        VALUES ('ADJUSTMENT', w->>'request_id', (w->>'at')::TIMESTAMPTZ, v_date, (w->>'value_date')::DATE, w->>'reason')
+        RETURNING txn_id INTO v_txn;
+        SELECT * INTO v_post FROM yibao_post(v_txn, (w->>'account_id')::BIGINT, (w->>'delta')::NUMERIC, FALSE, '', 'OPERATOR', v_date);
+        PERFORM yibao_post(v_txn, yibao_system('MANUAL_ADJUSTMENT'), -((w->>'delta')::NUMERIC), FALSE, '', w->>'psn_no', v_date);
+        PERFORM yibao_close(v_txn);
+        INSERT INTO adjustments (request_id, hold_id, fingerprint, psn_no, posting_id, delta, balance_after, at)
+        VALUES (w->>'request_id', w->>'hold_id', w->>'fingerprint', w->>'psn_no', v_post.o_posting, (w->>'delta')::NUMERIC,
+            v_post.o_balance, (w->>'at')::TIMESTAMPTZ)
+        RETURNING * INTO v_row;
+        RETURN jsonb_build_object('outcome', 'adjusted', 'record', jsonb_build_object('request_id', v_row.request_id,
+            'fingerprint', v_row.fingerprint, 'psn_no', v_row.psn_no, 'entry_id', v_row.posting_id,
+            'delta', v_row.delta::TEXT, 'balance_after', v_row.balance_after::TEXT, 'at_us', yibao_us(v_row.at)),
+            'changes', jsonb_build_array(yibao_change((w->>'account_id')::BIGINT, v_post.o_balance, v_post.o_seq)));
+    END IF;
+    RETURN jsonb_build_object('outcome', 'adjustment_exists', 'record', jsonb_build_object('request_id', v_row.request_id,
+        'fingerprint', v_row.fingerprint, 'psn_no', v_row.psn_no, 'entry_id', v_row.posting_id,
+        'delta', v_row.delta::TEXT, 'balance_after', v_row.balance_after::TEXT, 'at_us', yibao_us(v_row.at)));
+END $$;
+
+-- The batch: one outcome per write, each write in its own subtransaction.
+CREATE OR REPLACE FUNCTION yibao_commit(p_writes JSONB, p_now_ms BIGINT) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    w JSONB;
+    v_result JSONB;
+    v_results JSONB := '[]'::JSONB;
+    v_message TEXT;
+    v_detail TEXT;
+BEGIN
+    FOR w IN SELECT * FROM jsonb_array_elements(p_writes) LOOP
+        BEGIN
+            v_result := CASE w->>'kind'
+                WHEN 'settle' THEN yibao_settle(w, p_now_ms)
+                WHEN 'refund' THEN yibao_refund(w)
+                WHEN 'reverse' THEN yibao_reverse(w)
+                WHEN 'adjust' THEN yibao_adjust(w, p_now_ms)
+            END;
+            IF v_result ? 'decline' THEN
+                -- Declines happen before any row is written, but roll back to be sure.
+                RAISE EXCEPTION USING ERRCODE = 'YB010', MESSAGE = v_result::TEXT;
+            END IF;
+        EXCEPTION
+            WHEN SQLSTATE 'YB010' THEN
+                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
+                v_result := v_message::JSONB;
+            WHEN SQLSTATE 'YB001' THEN
+                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+                v_result := jsonb_build_object('decline', 'ACCOUNT_NOT_OPEN', 'account_id', v_message::BIGINT, 'status', v_detail);
+            WHEN SQLSTATE 'YB002' OR check_violation THEN
+                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
+                v_result := jsonb_build_object('decline', 'INSUFFICIENT_BALANCE',
+                    'account_id', CASE WHEN v_message ~ '^[0-9]+$' THEN v_message::BIGINT ELSE 0 END);
+            WHEN unique_violation THEN
+                -- Another gateway committed the same key meanwhile: answer what it holds.
+                v_result := CASE w->>'kind'
+                    WHEN 'settle' THEN (SELECT jsonb_build_object('outcome', 'settlement_exists', 'record', yibao_settlement_json(s.setl_id))
+                        FROM settlements s WHERE s.institution_code = w->>'institution_code' AND s.request_id = w->>'request_id')
+                    WHEN 'refund' THEN (SELECT jsonb_build_object('outcome', 'refund_exists', 'record', yibao_refund_json(r.refund_id))
+                        FROM refunds r WHERE r.institution_code = w->>'institution_code' AND r.request_id = w->>'request_id')
+                    ELSE NULL END;
+                v_result := COALESCE(v_result, jsonb_build_object('decline', 'RETRY'));
+            WHEN deadlock_detected OR serialization_failure THEN
+                v_result := jsonb_build_object('decline', 'RETRY');
+        END;
+        v_results := v_results || jsonb_build_array(v_result);
+    END LOOP;
+    RETURN v_results;
+END $$;
