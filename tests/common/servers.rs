@@ -62,6 +62,8 @@ fn supervise(command: &str, stop_signal: &str, cleanup_dir: &Path, as_postgres: 
         c.args(["-c", &script]);
         c
     };
+    // Never waited on: the supervisor must outlive this call and ends on its own when we exit.
+    #[allow(clippy::zombie_processes)]
     shell
         .stdin(Stdio::null())
         .stdout(Stdio::null())
