@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use yibao::admin::{self, AdjustCommand};
 use yibao::clock::SystemClock;
 use yibao::config::Config;
-use yibao::domain::{
-    Category, Channel, InstitutionKind, InsuranceStatus, Money, PayMode, PersonCategory,
-};
+use yibao::domain::{Category, Channel, InstitutionKind, InsuranceStatus, Money, PayMode, PersonCategory};
 use yibao::gateway::Settings;
 use yibao::ledger::{InstitutionRecord, PersonUpsert};
 use yibao::pin::PinCost;
@@ -21,15 +19,8 @@ use yibao::settle::{self, SettleCommand};
 
 fn main() {
     let measuring = std::env::args().any(|arg| arg == "--bench");
-    let (accounts, settlements, concurrency) = if measuring {
-        (10_000, 40_000, 128)
-    } else {
-        (50, 200, 16)
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (accounts, settlements, concurrency) = if measuring { (10_000, 40_000, 128) } else { (50, 200, 16) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(run(accounts, settlements, concurrency, measuring));
 }
 
@@ -47,9 +38,7 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
         pin_cost: PinCost::TEST,
         settings: Settings::default(),
     };
-    let app = yibao::app::build(&config, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let app = yibao::app::build(&config, Arc::new(SystemClock)).await.unwrap();
     let gateway = app.gateway.clone();
     let institution = InstitutionRecord {
         code: "H001".into(),
@@ -57,15 +46,9 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
         kind: InstitutionKind::Hospital,
         region: "110000".into(),
     };
-    admin::register_institution(
-        &gateway,
-        &institution.code,
-        &institution.name,
-        institution.kind,
-        &institution.region,
-    )
-    .await
-    .unwrap();
+    admin::register_institution(&gateway, &institution.code, &institution.name, institution.kind, &institution.region)
+        .await
+        .unwrap();
     for i in 0..accounts {
         let psn_no = format!("B{i:08}");
         let person = PersonUpsert {
@@ -109,9 +92,7 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
                 beneficiary_psn_no: String::new(),
             };
             let begin = Instant::now();
-            settle::settle(&gateway, &institution, command)
-                .await
-                .expect("settles");
+            settle::settle(&gateway, &institution, command).await.expect("settles");
             drop(permit);
             begin.elapsed()
         }));

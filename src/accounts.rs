@@ -4,9 +4,7 @@
 use crate::domain::{mask_psn_no, AccountStatus, CardStatus, InsuranceStatus, Money, Relation};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::Gateway;
-use crate::ledger::{
-    EntryQuery, EntryRecord, FamilyLinkRecord, FamilyView, NewFamilyLink, PersonRecord,
-};
+use crate::ledger::{EntryQuery, EntryRecord, FamilyLinkRecord, FamilyView, NewFamilyLink, PersonRecord};
 use crate::pin::{self, Secret};
 use chrono::NaiveDate;
 
@@ -27,10 +25,7 @@ pub async fn balance(gateway: &Gateway, psn_no: &str) -> Outcome<BalanceView> {
             let cached = gateway.cache.get(account.id).await?;
             match cached {
                 // Never more than the ledger says, whatever the cache holds.
-                Some(cached) => account
-                    .balance
-                    .saturating_sub(cached.held)
-                    .min(cached.available()),
+                Some(cached) => account.balance.saturating_sub(cached.held).min(cached.available()),
                 None => account.balance,
             }
         }
@@ -48,25 +43,12 @@ pub async fn entries(
     before_entry: Option<i64>,
 ) -> Outcome<(Vec<EntryRecord>, Option<i64>)> {
     let person = gateway.person(psn_no).await?;
-    let account = person
-        .account
-        .ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
-    let limit = if page_size == 0 {
-        ENTRIES_PAGE_DEFAULT
-    } else {
-        page_size.min(ENTRIES_PAGE_MAX)
-    };
+    let account =
+        person.account.ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
+    let limit = if page_size == 0 { ENTRIES_PAGE_DEFAULT } else { page_size.min(ENTRIES_PAGE_MAX) };
     // One more than asked tells whether another page exists.
-    let mut rows = gateway
-        .ledger
-        .entries(EntryQuery {
-            account_id: account.id,
-            from,
-            to,
-            before_entry,
-            limit: limit + 1,
-        })
-        .await?;
+    let mut rows =
+        gateway.ledger.entries(EntryQuery { account_id: account.id, from, to, before_entry, limit: limit + 1 }).await?;
     let next = if rows.len() > limit {
         rows.truncate(limit);
         rows.last().map(|row| row.entry_id)
@@ -76,24 +58,15 @@ pub async fn entries(
     Ok((rows, next))
 }
 
-async fn checked_new_pin(
-    gateway: &Gateway,
-    person: &PersonRecord,
-    new_pin: &Secret,
-) -> Outcome<String> {
+async fn checked_new_pin(gateway: &Gateway, person: &PersonRecord, new_pin: &Secret) -> Outcome<String> {
     let policy = gateway.policy(&person.region)?;
     if !pin::is_well_formed(new_pin.expose(), policy.pin_length) {
-        return Err(Failure::invalid(
-            "new_pin",
-            format!("must be {} digits", policy.pin_length),
-        ));
+        return Err(Failure::invalid("new_pin", format!("must be {} digits", policy.pin_length)));
     }
     if policy.is_weak_pin(new_pin.expose()) {
-        return Err(Failure::new(
-            Reason::PinTooWeak,
-            "this PIN is too easy to guess; choose another",
-        )
-        .with_field("new_pin"));
+        return Err(
+            Failure::new(Reason::PinTooWeak, "this PIN is too easy to guess; choose another").with_field("new_pin")
+        );
     }
     gateway.pins.hash(new_pin).await.map_err(|error| {
         tracing::error!(%error, "PIN hashing failed");
@@ -104,49 +77,31 @@ async fn checked_new_pin(
 pub async fn set_pin(gateway: &Gateway, psn_no: &str, new_pin: &Secret) -> Outcome<()> {
     let person = gateway.person(psn_no).await?;
     if person.pin_set {
-        return Err(Failure::new(
-            Reason::AlreadyExists,
-            "a PIN is already set; use ChangePin",
-        ));
+        return Err(Failure::new(Reason::AlreadyExists, "a PIN is already set; use ChangePin"));
     }
     let phc = checked_new_pin(gateway, &person, new_pin).await?;
     if !gateway.ledger.store_pin(psn_no, &phc, true).await? {
-        return Err(Failure::new(
-            Reason::AlreadyExists,
-            "a PIN is already set; use ChangePin",
-        ));
+        return Err(Failure::new(Reason::AlreadyExists, "a PIN is already set; use ChangePin"));
     }
     Ok(())
 }
 
 /// Verifies the current PIN with the same durable lockout as payments.
-pub async fn check_pin(
-    gateway: &Gateway,
-    person: &PersonRecord,
-    pin: &Secret,
-    field: &str,
-) -> Outcome<()> {
+pub async fn check_pin(gateway: &Gateway, person: &PersonRecord, pin: &Secret, field: &str) -> Outcome<()> {
     if pin.is_empty() {
         return Err(Failure::invalid(field, "is required"));
     }
     let policy = gateway.policy(&person.region)?.clone();
-    crate::settle::authenticate::verify_pin(gateway, &policy, &person.psn_no, pin)
-        .await
-        .map_err(|mut failure| {
-            if failure.field.is_some() {
-                failure.field = Some(field.to_string());
-                failure.message = format!("{field}: must be {} digits", policy.pin_length);
-            }
-            failure
-        })
+    crate::settle::authenticate::verify_pin(gateway, &policy, &person.psn_no, pin).await.map_err(|mut failure| {
+        if failure.field.is_some() {
+            failure.field = Some(field.to_string());
+            failure.message = format!("{field}: must be {} digits", policy.pin_length);
+        }
+        failure
+    })
 }
 
-pub async fn change_pin(
-    gateway: &Gateway,
-    psn_no: &str,
-    current: &Secret,
-    new_pin: &Secret,
-) -> Outcome<()> {
+pub async fn change_pin(gateway: &Gateway, psn_no: &str, current: &Secret, new_pin: &Secret) -> Outcome<()> {
     let person = gateway.person(psn_no).await?;
     check_pin(gateway, &person, current, "current_pin").await?;
     let phc = checked_new_pin(gateway, &person, new_pin).await?;
@@ -162,33 +117,16 @@ pub async fn reset_pin(gateway: &Gateway, psn_no: &str, new_pin: &Secret) -> Out
     Ok(())
 }
 
-pub async fn set_no_pin_tier(
-    gateway: &Gateway,
-    psn_no: &str,
-    pin: &Secret,
-    tier: &str,
-) -> Outcome<()> {
+pub async fn set_no_pin_tier(gateway: &Gateway, psn_no: &str, pin: &Secret, tier: &str) -> Outcome<()> {
     let person = gateway.person(psn_no).await?;
     let policy = gateway.policy(&person.region)?.clone();
     let tier = match tier {
         "NONE" => None,
         name if policy.tier(name).is_some() => Some(name),
-        "" => {
-            return Err(Failure::invalid(
-                "tier",
-                "is required (a tier name or NONE)",
-            ))
-        }
+        "" => return Err(Failure::invalid("tier", "is required (a tier name or NONE)")),
         other => {
-            let names: Vec<&str> = policy
-                .no_pin_tiers
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect();
-            return Err(Failure::invalid(
-                "tier",
-                format!("{other:?} is not one of NONE, {}", names.join(", ")),
-            ));
+            let names: Vec<&str> = policy.no_pin_tiers.iter().map(|t| t.name.as_str()).collect();
+            return Err(Failure::invalid("tier", format!("{other:?} is not one of NONE, {}", names.join(", "))));
         }
     };
     // Turning the exemption off needs no PIN; turning it on or up does.
@@ -201,20 +139,14 @@ pub async fn set_no_pin_tier(
 
 pub async fn report_card_loss(gateway: &Gateway, psn_no: &str) -> Outcome<()> {
     gateway.person(psn_no).await?;
-    gateway
-        .ledger
-        .set_card_status(psn_no, CardStatus::Lost)
-        .await?;
+    gateway.ledger.set_card_status(psn_no, CardStatus::Lost).await?;
     Ok(())
 }
 
 pub async fn restore_card(gateway: &Gateway, psn_no: &str, pin: &Secret) -> Outcome<()> {
     let person = gateway.person(psn_no).await?;
     check_pin(gateway, &person, pin, "pin").await?;
-    gateway
-        .ledger
-        .set_card_status(psn_no, CardStatus::Normal)
-        .await?;
+    gateway.ledger.set_card_status(psn_no, CardStatus::Normal).await?;
     Ok(())
 }
 
@@ -227,36 +159,22 @@ pub async fn register_family(
     relation: Relation,
 ) -> Outcome<FamilyLinkRecord> {
     if owner_psn_no == member_psn_no {
-        return Err(Failure::invalid(
-            "member_psn_no",
-            "must differ from owner_psn_no",
-        ));
+        return Err(Failure::invalid("member_psn_no", "must differ from owner_psn_no"));
     }
     let owner = gateway.person(owner_psn_no).await?;
     let member = gateway.person(member_psn_no).await?;
     let policy = gateway.policy(&owner.region)?;
     match &owner.account {
-        None => {
-            return Err(Failure::new(
-                Reason::NoAccount,
-                "the owner has no personal account to share",
-            ))
-        }
+        None => return Err(Failure::new(Reason::NoAccount, "the owner has no personal account to share")),
         Some(account) if account.status == AccountStatus::Closed => {
-            return Err(Failure::new(
-                Reason::AccountClosed,
-                "the owner's account is closed",
-            ))
+            return Err(Failure::new(Reason::AccountClosed, "the owner's account is closed"))
         }
         Some(_) => {}
     }
     if !policy.family_relations.contains(&relation) {
         return Err(Failure::new(
             Reason::FamilyRelationNotAllowed,
-            format!(
-                "relation {relation} is not allowed for family use in region {}",
-                policy.region
-            ),
+            format!("relation {relation} is not allowed for family use in region {}", policy.region),
         ));
     }
     if member.region != owner.region {
@@ -265,16 +183,10 @@ pub async fn register_family(
             "family members must be insured in the owner's region (000 §8)",
         ));
     }
-    if matches!(
-        member.status,
-        InsuranceStatus::Removed | InsuranceStatus::Terminated
-    ) {
+    if matches!(member.status, InsuranceStatus::Removed | InsuranceStatus::Terminated) {
         return Err(Failure::new(
             Reason::FamilyRelationNotAllowed,
-            format!(
-                "the member {} no longer enjoys benefits (000 §14)",
-                mask_psn_no(member_psn_no)
-            ),
+            format!("the member {} no longer enjoys benefits (000 §14)", mask_psn_no(member_psn_no)),
         ));
     }
     let today = gateway.clock.today();
@@ -292,22 +204,13 @@ pub async fn register_family(
         .map_err(|_| Failure::new(Reason::AlreadyExists, "this member is already registered"))
 }
 
-pub async fn revoke_family(
-    gateway: &Gateway,
-    owner_psn_no: &str,
-    member_psn_no: &str,
-) -> Outcome<FamilyLinkRecord> {
+pub async fn revoke_family(gateway: &Gateway, owner_psn_no: &str, member_psn_no: &str) -> Outcome<FamilyLinkRecord> {
     gateway.person(owner_psn_no).await?;
     gateway
         .ledger
         .revoke_family(owner_psn_no, member_psn_no, gateway.clock.now())
         .await?
-        .ok_or_else(|| {
-            Failure::new(
-                Reason::NotRegisteredFamily,
-                "this member is not registered by this owner",
-            )
-        })
+        .ok_or_else(|| Failure::new(Reason::NotRegisteredFamily, "this member is not registered by this owner"))
 }
 
 pub async fn family(gateway: &Gateway, psn_no: &str) -> Outcome<(PersonRecord, FamilyView)> {
@@ -328,11 +231,7 @@ pub async fn set_deduction_order(
     if unique.len() != owners.len() {
         return Err(Failure::invalid("owner_psn_nos", "lists an owner twice"));
     }
-    if !gateway
-        .ledger
-        .set_deduction_order(member_psn_no, owners)
-        .await?
-    {
+    if !gateway.ledger.set_deduction_order(member_psn_no, owners).await? {
         return Err(Failure::new(
             Reason::NotRegisteredFamily,
             "owner_psn_nos must list exactly the owners who registered this member",

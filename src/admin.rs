@@ -7,8 +7,8 @@ use crate::domain::{AccountStatus, InstitutionKind, Money, Role};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::{digest, Gateway};
 use crate::ledger::{
-    AdjustmentRecord, InstitutionRecord, LedgerWrite, NewAdjustment, NewApiKey, PersonRecord,
-    PersonUpsert, WriteOutcome,
+    AdjustmentRecord, InstitutionRecord, LedgerWrite, NewAdjustment, NewApiKey, PersonRecord, PersonUpsert,
+    WriteOutcome,
 };
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use chrono::NaiveDate;
@@ -20,10 +20,7 @@ use std::time::Duration;
 pub fn new_api_key() -> String {
     let mut bytes = [0u8; 20];
     OsRng.fill_bytes(&mut bytes);
-    format!(
-        "yb_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    format!("yb_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 pub fn hash_api_key(key: &str) -> String {
@@ -31,20 +28,15 @@ pub fn hash_api_key(key: &str) -> String {
 }
 
 pub async fn upsert_person(gateway: &Gateway, person: PersonUpsert) -> Outcome<PersonRecord> {
-    let policy = gateway.policies.region(&person.region).ok_or_else(|| {
-        Failure::invalid(
-            "region",
-            format!("{} has no policy file loaded", person.region),
-        )
-    })?;
+    let policy = gateway
+        .policies
+        .region(&person.region)
+        .ok_or_else(|| Failure::invalid("region", format!("{} has no policy file loaded", person.region)))?;
     if person.birth_date > gateway.clock.today() {
         return Err(Failure::invalid("birth_date", "is in the future"));
     }
     let open_account = policy.has_account(person.category);
-    Ok(gateway
-        .ledger
-        .upsert_person(person, open_account, gateway.clock.now())
-        .await?)
+    Ok(gateway.ledger.upsert_person(person, open_account, gateway.clock.now()).await?)
 }
 
 pub async fn register_institution(
@@ -55,10 +47,7 @@ pub async fn register_institution(
     region: &str,
 ) -> Outcome<String> {
     if gateway.policies.region(region).is_none() {
-        return Err(Failure::invalid(
-            "region",
-            format!("{region} has no policy file loaded"),
-        ));
+        return Err(Failure::invalid("region", format!("{region} has no policy file loaded")));
     }
     let api_key = new_api_key();
     let key = NewApiKey {
@@ -69,35 +58,19 @@ pub async fn register_institution(
         label: name.to_string(),
         at: gateway.clock.now(),
     };
-    let institution = InstitutionRecord {
-        code: code.to_string(),
-        name: name.to_string(),
-        kind,
-        region: region.to_string(),
-    };
+    let institution =
+        InstitutionRecord { code: code.to_string(), name: name.to_string(), kind, region: region.to_string() };
     gateway
         .ledger
         .register_institution(institution, key)
         .await?
-        .map_err(|_| {
-            Failure::new(
-                Reason::AlreadyExists,
-                format!("institution {code} is already registered"),
-            )
-        })?;
+        .map_err(|_| Failure::new(Reason::AlreadyExists, format!("institution {code} is already registered")))?;
     Ok(api_key)
 }
 
-pub async fn issue_api_key(
-    gateway: &Gateway,
-    role: Role,
-    label: &str,
-) -> Outcome<(String, String)> {
+pub async fn issue_api_key(gateway: &Gateway, role: Role, label: &str) -> Outcome<(String, String)> {
     if role == Role::Institution {
-        return Err(Failure::invalid(
-            "role",
-            "institution keys come from RegisterInstitution",
-        ));
+        return Err(Failure::invalid("role", "institution keys come from RegisterInstitution"));
     }
     let api_key = new_api_key();
     let key_id = gateway.new_id('K');
@@ -134,9 +107,8 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
         return Err(Failure::invalid("value_date", "is in the future"));
     }
     let person = gateway.person(&command.psn_no).await?;
-    let account = person
-        .account
-        .ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
+    let account =
+        person.account.ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
     let amount = command.amount.to_string();
     let fingerprint = digest(&[
         "adjust/v1",
@@ -146,11 +118,7 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
         &command.reason,
         &value_date.to_string(),
     ]);
-    let delta = if command.credit {
-        command.amount
-    } else {
-        command.amount.negated()
-    };
+    let delta = if command.credit { command.amount } else { command.amount.negated() };
     let debit = delta.is_negative();
     // A fresh hold id per attempt: a retried or concurrent duplicate never shares (and so never
     // releases) another attempt's hold; the ledger records it so the sweeper can resolve it.
@@ -172,58 +140,31 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
     let task = tokio::spawn(async move {
         if debit {
             if gateway.cache.get(account.id).await?.is_none() {
-                gateway
-                    .cache
-                    .load(account.id, account.balance, account.seq)
-                    .await?;
+                gateway.cache.load(account.id, account.balance, account.seq).await?;
             }
             let want = new.delta.negated();
-            let held = match gateway
-                .cache
-                .reserve(account.id, &hold_id, want, gateway.settings.hold_lease_ms)
-                .await?
-            {
+            let held = match gateway.cache.reserve(account.id, &hold_id, want, gateway.settings.hold_lease_ms).await? {
                 Reserve::Held(held) => held,
                 Reserve::NotLoaded => Money::ZERO,
             };
             if held != want {
                 gateway.cache.release_hold(account.id, &hold_id).await?;
-                return Err(Failure::new(
-                    Reason::InsufficientBalance,
-                    "the account cannot cover this debit",
-                ));
+                return Err(Failure::new(Reason::InsufficientBalance, "the account cannot cover this debit"));
             }
         }
         let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
         // On a timeout or an unknown outcome the hold stays for the sweeper.
-        let result =
-            tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Adjust(new)))
-                .await
-                .map_err(|_| {
-                    Failure::new(
-                        Reason::BackendUnavailable,
-                        "the ledger did not answer in time",
-                    )
-                })??;
+        let result = tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Adjust(new)))
+            .await
+            .map_err(|_| Failure::new(Reason::BackendUnavailable, "the ledger did not answer in time"))??;
         let finalized = match &result {
             Ok(WriteOutcome::Adjusted { changes, .. }) => {
                 let mut finalized = Ok(());
                 for change in changes {
                     finalized = if debit {
-                        gateway
-                            .cache
-                            .commit_hold(
-                                change.account_id,
-                                &hold_id,
-                                change.balance_after,
-                                change.seq,
-                            )
-                            .await
+                        gateway.cache.commit_hold(change.account_id, &hold_id, change.balance_after, change.seq).await
                     } else {
-                        gateway
-                            .cache
-                            .apply(change.account_id, change.balance_after, change.seq)
-                            .await
+                        gateway.cache.apply(change.account_id, change.balance_after, change.seq).await
                     };
                 }
                 finalized
@@ -237,34 +178,21 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
         }
         match result {
             Ok(WriteOutcome::Adjusted { record, .. }) => Ok(record),
-            Ok(WriteOutcome::AdjustmentExists(existing)) if existing.fingerprint == fingerprint => {
-                Ok(existing)
+            Ok(WriteOutcome::AdjustmentExists(existing)) if existing.fingerprint == fingerprint => Ok(existing),
+            Ok(WriteOutcome::AdjustmentExists(_)) => {
+                Err(Failure::new(Reason::RequestIdReused, "request_id was used before for a different adjustment"))
             }
-            Ok(WriteOutcome::AdjustmentExists(_)) => Err(Failure::new(
-                Reason::RequestIdReused,
-                "request_id was used before for a different adjustment",
-            )),
             Ok(other) => unreachable!("an adjustment answered {other:?}"),
             Err(decline) => Err(crate::settle::reserve::decline_failure(decline)),
         }
     });
-    task.await
-        .map_err(|_| Failure::new(Reason::Internal, "adjustment task failed"))?
+    task.await.map_err(|_| Failure::new(Reason::Internal, "adjustment task failed"))?
 }
 
-pub async fn set_account_status(
-    gateway: &Gateway,
-    psn_no: &str,
-    status: AccountStatus,
-) -> Outcome<PersonRecord> {
+pub async fn set_account_status(gateway: &Gateway, psn_no: &str, status: AccountStatus) -> Outcome<PersonRecord> {
     let person = gateway.person(psn_no).await?;
     match &person.account {
-        None => {
-            return Err(Failure::new(
-                Reason::NoAccount,
-                "this person has no personal account",
-            ))
-        }
+        None => return Err(Failure::new(Reason::NoAccount, "this person has no personal account")),
         Some(account) if account.status == AccountStatus::Closed => {
             return Err(Failure::new(Reason::AccountClosed, "the account is closed"))
         }

@@ -19,8 +19,7 @@ use crate::ledger::Ledger;
 use crate::pin::PinHasher;
 use crate::rpc::pb::{
     account_service_server::AccountServiceServer, admin_service_server::AdminServiceServer,
-    reconciliation_service_server::ReconciliationServiceServer,
-    settlement_service_server::SettlementServiceServer,
+    reconciliation_service_server::ReconciliationServiceServer, settlement_service_server::SettlementServiceServer,
 };
 use crate::rpc::{pb, Services};
 use crate::settle::commit::Committer;
@@ -89,22 +88,14 @@ pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartE
     };
     let cache: Arc<dyn BalanceCache> = match &config.redis_url {
         Some(url) => Arc::new(
-            RedisCache::connect(url, &config.redis_prefix)
-                .await
-                .map_err(|e| StartError::Config(e.to_string()))?,
+            RedisCache::connect(url, &config.redis_prefix).await.map_err(|e| StartError::Config(e.to_string()))?,
         ),
         None => Arc::new(MemoryCache::default()),
     };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let pins = PinHasher::new(pepper(config)?, config.pin_cost, cores)
-        .map_err(|e| StartError::Config(e.to_string()))?;
-    let committer = Committer::start(
-        ledger.clone(),
-        config.settings.batch_len_max,
-        config.settings.commit_queue_max,
-    );
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let pins =
+        PinHasher::new(pepper(config)?, config.pin_cost, cores).map_err(|e| StartError::Config(e.to_string()))?;
+    let committer = Committer::start(ledger.clone(), config.settings.batch_len_max, config.settings.commit_queue_max);
     let gateway = Arc::new(Gateway {
         ledger: ledger.clone(),
         cache,
@@ -143,24 +134,14 @@ pub async fn serve(
                 break;
             };
             let timeout = Duration::from_secs(2);
-            let ledger_ok = matches!(
-                tokio::time::timeout(timeout, gateway.ledger.ping()).await,
-                Ok(Ok(()))
-            );
-            let cache_ok = matches!(
-                tokio::time::timeout(timeout, gateway.cache.ping()).await,
-                Ok(Ok(()))
-            );
+            let ledger_ok = matches!(tokio::time::timeout(timeout, gateway.ledger.ping()).await, Ok(Ok(())));
+            let cache_ok = matches!(tokio::time::timeout(timeout, gateway.cache.ping()).await, Ok(Ok(())));
             let serving = ledger_ok && cache_ok;
             if last != Some(serving) {
                 let status = if serving {
                     tonic_health::ServingStatus::Serving
                 } else {
-                    tracing::warn!(
-                        ledger_ok,
-                        cache_ok,
-                        "backend unreachable: health NOT_SERVING"
-                    );
+                    tracing::warn!(ledger_ok, cache_ok, "backend unreachable: health NOT_SERVING");
                     tonic_health::ServingStatus::NotServing
                 };
                 health.set_service_status("", status).await;
@@ -181,10 +162,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("descriptor set is valid");
-    let services = Services {
-        gateway: app.gateway.clone(),
-        auth: app.auth.clone(),
-    };
+    let services = Services { gateway: app.gateway.clone(), auth: app.auth.clone() };
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -195,10 +173,7 @@ pub async fn serve(
         .add_service(AccountServiceServer::new(services.clone()))
         .add_service(AdminServiceServer::new(services.clone()))
         .add_service(ReconciliationServiceServer::new(services))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     probe.abort();
     result

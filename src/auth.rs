@@ -22,21 +22,15 @@ impl Authenticator {
     pub fn new(ledger: Arc<dyn Ledger>, bootstrap_operator_key: Option<&str>) -> Authenticator {
         Authenticator {
             ledger,
-            bootstrap_operator_hash: bootstrap_operator_key
-                .filter(|k| !k.is_empty())
-                .map(hash_api_key),
+            bootstrap_operator_hash: bootstrap_operator_key.filter(|k| !k.is_empty()).map(hash_api_key),
             known: RwLock::new(HashMap::new()),
         }
     }
 
     /// The principal behind an `authorization` header value.
     pub async fn authenticate(&self, header: Option<&str>) -> Outcome<Principal> {
-        let unauthenticated = || {
-            Failure::new(
-                Reason::Unauthenticated,
-                "missing or unknown API key (authorization: Bearer <key>)",
-            )
-        };
+        let unauthenticated =
+            || Failure::new(Reason::Unauthenticated, "missing or unknown API key (authorization: Bearer <key>)");
         let key = header
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
@@ -44,25 +38,12 @@ impl Authenticator {
             .ok_or_else(unauthenticated)?;
         let hash = hash_api_key(key);
         if self.bootstrap_operator_hash.as_deref() == Some(hash.as_str()) {
-            return Ok(Principal {
-                key_id: "bootstrap-operator".into(),
-                role: Role::Operator,
-                institution: None,
-            });
+            return Ok(Principal { key_id: "bootstrap-operator".into(), role: Role::Operator, institution: None });
         }
-        if let Some(principal) = self
-            .known
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-        {
+        if let Some(principal) = self.known.read().unwrap_or_else(|p| p.into_inner()).get(&hash) {
             return Ok(principal.clone());
         }
-        let principal = self
-            .ledger
-            .principal(&hash)
-            .await?
-            .ok_or_else(unauthenticated)?;
+        let principal = self.ledger.principal(&hash).await?.ok_or_else(unauthenticated)?;
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
         if known.len() >= KEY_CACHE_MAX {
             known.clear();
@@ -79,20 +60,14 @@ impl Principal {
             Ok(())
         } else {
             let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
-            Err(Failure::new(
-                Reason::PermissionDenied,
-                format!("this method needs a {} key", names.join(" or ")),
-            ))
+            Err(Failure::new(Reason::PermissionDenied, format!("this method needs a {} key", names.join(" or "))))
         }
     }
 
     pub fn institution(&self) -> Outcome<&InstitutionRecord> {
         self.require(&[Role::Institution])?;
-        self.institution.as_ref().ok_or_else(|| {
-            Failure::new(
-                Reason::PermissionDenied,
-                "this key belongs to no institution",
-            )
-        })
+        self.institution
+            .as_ref()
+            .ok_or_else(|| Failure::new(Reason::PermissionDenied, "this key belongs to no institution"))
     }
 }

@@ -34,8 +34,7 @@ pub struct OffsetClock {
 
 impl OffsetClock {
     pub fn advance_days(&self, days: i64) {
-        self.offset_seconds
-            .fetch_add(days * 86_400, Ordering::SeqCst);
+        self.offset_seconds.fetch_add(days * 86_400, Ordering::SeqCst);
     }
 }
 

@@ -117,43 +117,21 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        let listen_text = overrides
-            .listen
-            .clone()
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen_text = overrides.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
         let listen = listen_text.parse().map_err(|_| {
-            ConfigError::Invalid(format!(
-                "listen: {listen_text:?} is not an address like 127.0.0.1:50051"
-            ))
+            ConfigError::Invalid(format!("listen: {listen_text:?} is not an address like 127.0.0.1:50051"))
         })?;
-        let data_dir = overrides
-            .data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("data"));
-        let operator_key = match std::env::var("YIBAO_OPERATOR_KEY")
-            .ok()
-            .filter(|k| !k.is_empty())
-        {
+        let data_dir = overrides.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("data"));
+        let operator_key = match std::env::var("YIBAO_OPERATOR_KEY").ok().filter(|k| !k.is_empty()) {
             Some(key) => Some(key),
-            None => file
-                .operator_key_file
-                .as_deref()
-                .map(read_secret_file)
-                .transpose()?,
+            None => file.operator_key_file.as_deref().map(read_secret_file).transpose()?,
         };
         if let Some(key) = &operator_key {
             if key.len() < 16 {
-                return Err(ConfigError::Invalid(
-                    "the operator key must be at least 16 characters".into(),
-                ));
+                return Err(ConfigError::Invalid("the operator key must be at least 16 characters".into()));
             }
         }
-        let pepper = match std::env::var("YIBAO_PIN_PEPPER")
-            .ok()
-            .filter(|p| !p.is_empty())
-        {
+        let pepper = match std::env::var("YIBAO_PIN_PEPPER").ok().filter(|p| !p.is_empty()) {
             Some(pepper) => pepper.into_bytes(),
             None => match &file.pepper_file {
                 Some(path) => read_secret_file(path)?.into_bytes(),
@@ -168,42 +146,21 @@ impl Config {
             commit_queue_max: defaults.commit_queue_max,
         };
         if settings.commit_timeout_ms >= settings.hold_lease_ms {
-            return Err(ConfigError::Invalid(
-                "commit_timeout_ms must be shorter than hold_lease_ms".into(),
-            ));
+            return Err(ConfigError::Invalid("commit_timeout_ms must be shorter than hold_lease_ms".into()));
         }
         if settings.batch_len_max == 0 || settings.batch_len_max > 10_000 {
-            return Err(ConfigError::Invalid(
-                "batch_len_max must be within 1..=10000".into(),
-            ));
+            return Err(ConfigError::Invalid("batch_len_max must be within 1..=10000".into()));
         }
-        let ledger_url = overrides
-            .ledger_url
-            .clone()
-            .or(file.ledger_url)
-            .filter(|u| !u.is_empty());
+        let ledger_url = overrides.ledger_url.clone().or(file.ledger_url).filter(|u| !u.is_empty());
         if let Some(url) = &ledger_url {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "ledger_url: {} is not a postgres:// URL",
-                    redact_url(url)
-                )));
+                return Err(ConfigError::Invalid(format!("ledger_url: {} is not a postgres:// URL", redact_url(url))));
             }
         }
-        let redis_url = overrides
-            .redis_url
-            .clone()
-            .or(file.redis_url)
-            .filter(|u| !u.is_empty());
+        let redis_url = overrides.redis_url.clone().or(file.redis_url).filter(|u| !u.is_empty());
         if let Some(url) = &redis_url {
-            if !url
-                .split(',')
-                .all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://"))
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "redis_url: {} is not a redis:// URL",
-                    redact_url(url)
-                )));
+            if !url.split(',').all(|u| u.trim().starts_with("redis://") || u.trim().starts_with("rediss://")) {
+                return Err(ConfigError::Invalid(format!("redis_url: {} is not a redis:// URL", redact_url(url))));
             }
         }
         Ok(Config {

@@ -14,34 +14,10 @@ pub const INSTITUTION_CODE: &str = "H11010001";
 
 /// The demo people: (psn_no, name, birth date, category, opening balance).
 const PEOPLE: &[(&str, &str, &str, PersonCategory, &str)] = &[
-    (
-        "D1001",
-        "张伟 (payer)",
-        "1985-03-14",
-        PersonCategory::Employee,
-        "120.00",
-    ),
-    (
-        "D1002",
-        "王芳 (spouse)",
-        "1987-07-02",
-        PersonCategory::Employee,
-        "800.00",
-    ),
-    (
-        "D1003",
-        "张建国 (father)",
-        "1955-11-20",
-        PersonCategory::Retiree,
-        "1500.00",
-    ),
-    (
-        "D1004",
-        "张小明 (child, resident)",
-        "2015-05-01",
-        PersonCategory::Resident,
-        "0",
-    ),
+    ("D1001", "张伟 (payer)", "1985-03-14", PersonCategory::Employee, "120.00"),
+    ("D1002", "王芳 (spouse)", "1987-07-02", PersonCategory::Employee, "800.00"),
+    ("D1003", "张建国 (father)", "1955-11-20", PersonCategory::Retiree, "1500.00"),
+    ("D1004", "张小明 (child, resident)", "2015-05-01", PersonCategory::Resident, "0"),
 ];
 
 /// Seeds the demo data; returns a fresh institution API key.
@@ -76,11 +52,9 @@ pub async fn seed(gateway: &Arc<Gateway>) -> Outcome<String> {
         }
     }
     // The spouse and the father register the payer; the child is registered by the payer.
-    for (owner, member, relation) in [
-        ("D1002", "D1001", Relation::Spouse),
-        ("D1003", "D1001", Relation::Child),
-        ("D1001", "D1004", Relation::Child),
-    ] {
+    for (owner, member, relation) in
+        [("D1002", "D1001", Relation::Spouse), ("D1003", "D1001", Relation::Child), ("D1001", "D1004", Relation::Child)]
+    {
         match crate::accounts::register_family(gateway, owner, member, relation).await {
             Ok(_) => {}
             Err(failure) if failure.reason == Reason::AlreadyExists => {}

@@ -81,12 +81,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(reason: Reason, message: impl Into<String>) -> Failure {
-        Failure {
-            reason,
-            message: message.into(),
-            field: None,
-            metadata: Vec::new(),
-        }
+        Failure { reason, message: message.into(), field: None, metadata: Vec::new() }
     }
 
     /// A malformed field: INVALID_ARGUMENT naming it.
@@ -100,10 +95,7 @@ impl Failure {
     }
 
     pub fn invalid_amount(field: &str, message: impl fmt::Display) -> Failure {
-        Failure {
-            reason: Reason::InvalidAmount,
-            ..Failure::invalid(field, message)
-        }
+        Failure { reason: Reason::InvalidAmount, ..Failure::invalid(field, message) }
     }
 
     pub fn with_metadata(mut self, key: &str, value: impl ToString) -> Failure {
@@ -121,20 +113,14 @@ impl fmt::Display for Failure {
 impl From<LedgerUnavailable> for Failure {
     fn from(error: LedgerUnavailable) -> Failure {
         tracing::warn!(%error, "ledger unavailable");
-        Failure::new(
-            Reason::BackendUnavailable,
-            "the ledger is unavailable; retry later",
-        )
+        Failure::new(Reason::BackendUnavailable, "the ledger is unavailable; retry later")
     }
 }
 
 impl From<CacheUnavailable> for Failure {
     fn from(error: CacheUnavailable) -> Failure {
         tracing::warn!(%error, "balance cache unavailable");
-        Failure::new(
-            Reason::BackendUnavailable,
-            "the balance cache is unavailable; retry later",
-        )
+        Failure::new(Reason::BackendUnavailable, "the balance cache is unavailable; retry later")
     }
 }
 

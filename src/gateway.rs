@@ -28,12 +28,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            hold_lease_ms: 30_000,
-            commit_timeout_ms: 10_000,
-            batch_len_max: 256,
-            commit_queue_max: 4096,
-        }
+        Settings { hold_lease_ms: 30_000, commit_timeout_ms: 10_000, batch_len_max: 256, commit_queue_max: 4096 }
     }
 }
 
@@ -49,30 +44,20 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {
-        self.policies.region(region).ok_or_else(|| {
-            Failure::new(
-                Reason::Internal,
-                format!("no policy loaded for region {region}"),
-            )
-        })
+        self.policies
+            .region(region)
+            .ok_or_else(|| Failure::new(Reason::Internal, format!("no policy loaded for region {region}")))
     }
 
     pub async fn person(&self, psn_no: &str) -> Outcome<PersonRecord> {
         self.ledger.person(psn_no).await?.ok_or_else(|| {
-            Failure::new(
-                Reason::UnknownPerson,
-                format!("person {} is not known", crate::domain::mask_psn_no(psn_no)),
-            )
+            Failure::new(Reason::UnknownPerson, format!("person {} is not known", crate::domain::mask_psn_no(psn_no)))
         })
     }
 
     /// A fresh identifier: prefix, Asia/Shanghai timestamp, 64 random bits. Unique across gateways.
     pub fn new_id(&self, prefix: char) -> String {
-        let stamp = self
-            .clock
-            .now()
-            .with_timezone(&Shanghai)
-            .format("%Y%m%d%H%M%S");
+        let stamp = self.clock.now().with_timezone(&Shanghai).format("%Y%m%d%H%M%S");
         format!("{prefix}{stamp}{:016x}", OsRng.next_u64())
     }
 }
@@ -84,9 +69,5 @@ pub fn digest(parts: &[&str]) -> String {
         hasher.update((part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -20,16 +20,7 @@ fn yuan(text: &str) -> Money {
 }
 
 async fn account_of(gw: &TestGateway, psn_no: &str) -> i64 {
-    gw.app
-        .gateway
-        .ledger
-        .person(psn_no)
-        .await
-        .unwrap()
-        .unwrap()
-        .account
-        .unwrap()
-        .id
+    gw.app.gateway.ledger.person(psn_no).await.unwrap().unwrap().account.unwrap().id
 }
 
 fn settlement(
@@ -53,12 +44,7 @@ fn settlement(
         auth_method: AuthMethod::ChannelExempt,
         mdtrt_id: String::new(),
         beneficiary_psn_no: String::new(),
-        debits: vec![DebitLine {
-            account_id,
-            owner_psn_no: psn_no.into(),
-            amount: yuan(amount),
-            family: false,
-        }],
+        debits: vec![DebitLine { account_id, owner_psn_no: psn_no.into(), amount: yuan(amount), family: false }],
         own_account: Some(account_id),
         no_pin_daily_max: None,
         hold_deadline_ms: deadline,
@@ -77,36 +63,15 @@ async fn one_refused_write_never_fails_the_others_in_its_batch(backend: Backend)
         LedgerWrite::Settle(settlement("S-b", "b", "P1", account, "6.00", None)), // would go negative
         LedgerWrite::Settle(settlement("S-c", "c", "P1", account, "4.00", None)),
         LedgerWrite::Settle(settlement("S-d", "d", "P1", account, "0.01", Some(1))), // deadline long past
-        LedgerWrite::Settle(settlement("S-e", "a", "P1", account, "6.00", None)), // same request id as a
+        LedgerWrite::Settle(settlement("S-e", "a", "P1", account, "6.00", None)),    // same request id as a
     ];
     let results = gw.app.gateway.ledger.commit_batch(batch).await.unwrap();
-    assert!(
-        matches!(&results[0], Ok(WriteOutcome::Settled { record, .. }) if record.balc == yuan("4.00"))
-    );
-    assert_eq!(
-        results[1].as_ref().unwrap_err(),
-        &WriteDecline::InsufficientBalance {
-            account_id: account
-        }
-    );
-    assert!(
-        matches!(&results[2], Ok(WriteOutcome::Settled { record, .. }) if record.balc == Money::ZERO)
-    );
+    assert!(matches!(&results[0], Ok(WriteOutcome::Settled { record, .. }) if record.balc == yuan("4.00")));
+    assert_eq!(results[1].as_ref().unwrap_err(), &WriteDecline::InsufficientBalance { account_id: account });
+    assert!(matches!(&results[2], Ok(WriteOutcome::Settled { record, .. }) if record.balc == Money::ZERO));
     assert_eq!(results[3].as_ref().unwrap_err(), &WriteDecline::HoldExpired);
-    assert!(
-        matches!(&results[4], Ok(WriteOutcome::SettlementExists(existing)) if existing.setl_id == "S-a")
-    );
-    assert_eq!(
-        gw.app
-            .gateway
-            .ledger
-            .account_balance(account)
-            .await
-            .unwrap()
-            .unwrap()
-            .0,
-        Money::ZERO
-    );
+    assert!(matches!(&results[4], Ok(WriteOutcome::SettlementExists(existing)) if existing.setl_id == "S-a"));
+    assert_eq!(gw.app.gateway.ledger.account_balance(account).await.unwrap().unwrap().0, Money::ZERO);
     gw.assert_books_balance().await;
 }
 
@@ -116,54 +81,28 @@ async fn the_sweeper_commits_holds_the_ledger_has_and_releases_the_others(backen
     gw.employee("P1", "10.00").await;
     let account = account_of(&gw, "P1").await;
     let gateway = &gw.app.gateway;
-    let (balance, seq) = gateway
-        .ledger
-        .account_balance(account)
-        .await
-        .unwrap()
-        .unwrap();
+    let (balance, seq) = gateway.ledger.account_balance(account).await.unwrap().unwrap();
     gateway.cache.load(account, balance, seq).await.unwrap();
     // Two holds from a "crashed" gateway: one whose settlement reached the ledger, one not.
     assert_eq!(
-        gateway
-            .cache
-            .reserve(account, "S-committed", yuan("3.00"), 0)
-            .await
-            .unwrap(),
+        gateway.cache.reserve(account, "S-committed", yuan("3.00"), 0).await.unwrap(),
         Reserve::Held(yuan("3.00"))
     );
-    assert_eq!(
-        gateway
-            .cache
-            .reserve(account, "S-lost", yuan("2.00"), 0)
-            .await
-            .unwrap(),
-        Reserve::Held(yuan("2.00"))
-    );
+    assert_eq!(gateway.cache.reserve(account, "S-lost", yuan("2.00"), 0).await.unwrap(), Reserve::Held(yuan("2.00")));
     let results = gateway
         .ledger
-        .commit_batch(vec![LedgerWrite::Settle(settlement(
-            "S-committed",
-            "x",
-            "P1",
-            account,
-            "3.00",
-            None,
-        ))])
+        .commit_batch(vec![LedgerWrite::Settle(settlement("S-committed", "x", "P1", account, "3.00", None))])
         .await
         .unwrap();
     assert!(results[0].is_ok());
     assert_eq!(
-            gw.balance("P1").await,
-            ("7.00".into(), "2.00".into()),
-            "until the sweeper settles it, a committed hold counts twice: understated, never overstated"
-        );
+        gw.balance("P1").await,
+        ("7.00".into(), "2.00".into()),
+        "until the sweeper settles it, a committed hold counts twice: understated, never overstated"
+    );
 
     // Within the grace period nothing is touched; after it both holds are settled.
-    assert_eq!(
-        yibao::settle::sweeper::sweep_once(gateway, unix_ms()).await,
-        0
-    );
+    assert_eq!(yibao::settle::sweeper::sweep_once(gateway, unix_ms()).await, 0);
     let later = unix_ms() + yibao::settle::sweeper::SWEEP_GRACE_MS + 1_000;
     assert_eq!(yibao::settle::sweeper::sweep_once(gateway, later).await, 2);
     let cached = gateway.cache.get(account).await.unwrap().unwrap();
@@ -182,46 +121,20 @@ async fn a_debit_adjustment_holds_and_finalizes_like_a_payment(backend: Backend)
         reason: "correction of a double credit".into(),
         value_date: String::new(),
     };
-    let answer = gw
-        .admin()
-        .adjust(auth(debit("d1", "4.00"), OPERATOR_KEY))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (answer.amount.as_str(), answer.balance.as_str()),
-        ("-4.00", "6.00")
-    );
+    let answer = gw.admin().adjust(auth(debit("d1", "4.00"), OPERATOR_KEY)).await.unwrap().into_inner();
+    assert_eq!((answer.amount.as_str(), answer.balance.as_str()), ("-4.00", "6.00"));
     // A replay answers the same; a changed replay is refused.
     assert_eq!(
-        gw.admin()
-            .adjust(auth(debit("d1", "4.00"), OPERATOR_KEY))
-            .await
-            .unwrap()
-            .into_inner()
-            .entry_id,
+        gw.admin().adjust(auth(debit("d1", "4.00"), OPERATOR_KEY)).await.unwrap().into_inner().entry_id,
         answer.entry_id
     );
     assert_refused(
-        gw.admin()
-            .adjust(auth(debit("d1", "5.00"), OPERATOR_KEY))
-            .await,
+        gw.admin().adjust(auth(debit("d1", "5.00"), OPERATOR_KEY)).await,
         tonic::Code::AlreadyExists,
         "REQUEST_ID_REUSED",
     );
     assert_eq!(gw.balance("P1").await, ("6.00".into(), "6.00".into()));
     let account = account_of(&gw, "P1").await;
-    assert_eq!(
-        gw.app
-            .gateway
-            .cache
-            .get(account)
-            .await
-            .unwrap()
-            .unwrap()
-            .held,
-        Money::ZERO,
-        "no hold left open"
-    );
+    assert_eq!(gw.app.gateway.cache.get(account).await.unwrap().unwrap().held, Money::ZERO, "no hold left open");
     gw.assert_books_balance().await;
 }

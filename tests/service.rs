@@ -17,22 +17,16 @@ fn health_reports_serving() {
         // The probe runs every second; the first pass happens at start.
         let mut status = 0;
         for _ in 0..50 {
-            let request = tonic_health::pb::HealthCheckRequest {
-                service: "yibao.v1.SettlementService".into(),
-            };
+            let request = tonic_health::pb::HealthCheckRequest { service: "yibao.v1.SettlementService".into() };
             if let Ok(answer) = health.check(request).await {
                 status = answer.into_inner().status;
-                if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                {
+                if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
                     break;
                 }
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     });
 }
 
@@ -41,30 +35,18 @@ fn reflection_lists_the_services_in_v1_and_v1alpha() {
     run(async {
         let gw = TestGateway::start().await;
         use tonic_reflection::pb::v1::{
-            server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-            ServerReflectionRequest,
+            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+            server_reflection_response::MessageResponse, ServerReflectionRequest,
         };
         let mut client = ServerReflectionClient::new(gw.channel.clone());
         let request = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
         };
-        let mut stream = client
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = client.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
         let answer = stream.message().await.unwrap().unwrap();
-        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-            panic!("{answer:?}")
-        };
-        let mut names: Vec<_> = list
-            .service
-            .into_iter()
-            .map(|s| s.name)
-            .filter(|n| n.starts_with("yibao"))
-            .collect();
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else { panic!("{answer:?}") };
+        let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).filter(|n| n.starts_with("yibao")).collect();
         names.sort();
         assert_eq!(
             names,
@@ -79,21 +61,14 @@ fn reflection_lists_the_services_in_v1_and_v1alpha() {
         use tonic_reflection::pb::v1alpha::{
             server_reflection_client::ServerReflectionClient as AlphaClient,
             server_reflection_request::MessageRequest as AlphaRequest,
-            server_reflection_response::MessageResponse as AlphaResponse,
-            ServerReflectionRequest as AlphaMessage,
+            server_reflection_response::MessageResponse as AlphaResponse, ServerReflectionRequest as AlphaMessage,
         };
         let mut alpha = AlphaClient::new(gw.channel.clone());
         let request = AlphaMessage {
             host: String::new(),
-            message_request: Some(AlphaRequest::FileContainingSymbol(
-                "yibao.v1.SettlementService".into(),
-            )),
+            message_request: Some(AlphaRequest::FileContainingSymbol("yibao.v1.SettlementService".into())),
         };
-        let mut stream = alpha
-            .server_reflection_info(tokio_stream::iter(vec![request]))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = alpha.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
         let answer = stream.message().await.unwrap().unwrap();
         assert!(
             matches!(answer.message_response, Some(AlphaResponse::FileDescriptorResponse(ref files)) if !files.file_descriptor_proto.is_empty())
@@ -105,15 +80,8 @@ fn reflection_lists_the_services_in_v1_and_v1alpha() {
 fn methods_of_later_issues_answer_unimplemented() {
     run(async {
         let gw = TestGateway::start().await;
-        let request = pb::RunMonthlyCreditRequest {
-            region: BEIJING.into(),
-            period: "2026-10".into(),
-        };
-        let status = gw
-            .admin()
-            .run_monthly_credit(auth(request, OPERATOR_KEY))
-            .await
-            .unwrap_err();
+        let request = pb::RunMonthlyCreditRequest { region: BEIJING.into(), period: "2026-10".into() };
+        let status = gw.admin().run_monthly_credit(auth(request, OPERATOR_KEY)).await.unwrap_err();
         assert_eq!(status.code(), Code::Unimplemented);
     });
 }
@@ -125,20 +93,19 @@ fn the_ledger_refuses_negative_balances_edits_and_unbalanced_transactions() {
         let gw = TestGateway::start().await;
         let key = gw.hospital().await;
         gw.employee("P1", "10.00").await;
-        gw.settle(&key, settle_request("r", "P1", "4.00"))
-            .await
-            .unwrap();
+        gw.settle(&key, settle_request("r", "P1", "4.00")).await.unwrap();
         let db = rusqlite::Connection::open(gw_db_path(&gw)).unwrap();
-        let negative = db.execute(
-            "UPDATE accounts SET balance_fen = -1 WHERE psn_no = 'P1'",
-            [],
-        );
+        let negative = db.execute("UPDATE accounts SET balance_fen = -1 WHERE psn_no = 'P1'", []);
         assert!(negative.unwrap_err().to_string().contains("CHECK"));
         let edit = db.execute("UPDATE postings SET amount_fen = 0", []);
         assert!(edit.unwrap_err().to_string().contains("append-only"));
         let delete = db.execute("DELETE FROM txns", []);
         assert!(delete.unwrap_err().to_string().contains("append-only"));
-        db.execute("INSERT INTO txns (kind, ref, at, business_date, value_date) VALUES ('ADJUSTMENT', 'x', 't', 'd', 'd')", []).unwrap();
+        db.execute(
+            "INSERT INTO txns (kind, ref, at, business_date, value_date) VALUES ('ADJUSTMENT', 'x', 't', 'd', 'd')",
+            [],
+        )
+        .unwrap();
         let txn = db.last_insert_rowid();
         db.execute(
             "INSERT INTO postings (txn_id, account_id, amount_fen, balance_after_fen, seq, business_date) VALUES (?1, 1, 5, 5, 1, 'd')",
@@ -152,10 +119,7 @@ fn the_ledger_refuses_negative_balances_edits_and_unbalanced_transactions() {
                  mulaid_fen, cash_fen, balc_fen, business_date, settled_at) VALUES ('S-x', 'H001', 'r', '', 'P1', 'SETTLED', 0, 0, 0, 0, 0, 'd', 't')",
             [],
         );
-        assert!(
-            duplicate.unwrap_err().to_string().contains("UNIQUE"),
-            "idempotency keys are unique in the ledger"
-        );
+        assert!(duplicate.unwrap_err().to_string().contains("UNIQUE"), "idempotency keys are unique in the ledger");
     });
 }
 
@@ -186,33 +150,16 @@ fn the_demo_prints_a_command_that_works_and_sigterm_exits_cleanly() {
             commands.push(line.trim().to_string());
         }
     }
-    let settle = Command::new("sh")
-        .arg("-c")
-        .arg(&commands[0])
-        .output()
-        .unwrap();
+    let settle = Command::new("sh").arg("-c").arg(&commands[0]).output().unwrap();
     let printed = String::from_utf8_lossy(&settle.stdout);
-    assert!(
-        settle.status.success(),
-        "{printed} {}",
-        String::from_utf8_lossy(&settle.stderr)
-    );
+    assert!(settle.status.success(), "{printed} {}", String::from_utf8_lossy(&settle.stderr));
     assert!(printed.contains("SETTLED"), "{printed}");
     assert!(printed.contains("acct_pay            120.00"), "{printed}");
     assert!(printed.contains("acct_mulaid_pay      80.00"), "{printed}");
-    let balance = Command::new("sh")
-        .arg("-c")
-        .arg(&commands[1])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&balance.stdout).contains("D1001  balance 0.00  available 0.00")
-    );
+    let balance = Command::new("sh").arg("-c").arg(&commands[1]).output().unwrap();
+    assert!(String::from_utf8_lossy(&balance.stdout).contains("D1001  balance 0.00  available 0.00"));
 
-    let terminated = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
+    let terminated = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(terminated.success());
     let status = server.wait().unwrap();
     assert_eq!(status.code(), Some(0));

@@ -35,25 +35,14 @@ async fn own_account_first_then_family_in_the_payers_order(backend: Backend) {
     let key = gw.hospital().await;
     gw.employee("P1", "120.00").await;
     gw.employee("SPOUSE", "800.00").await;
-    gw.person("FATHER", BEIJING, pb::PersonCategory::Retiree, "1500.00")
-        .await;
+    gw.person("FATHER", BEIJING, pb::PersonCategory::Retiree, "1500.00").await;
     gw.family("SPOUSE", "P1", pb::Relation::Spouse).await;
     gw.family("FATHER", "P1", pb::Relation::Child).await;
 
-    let paid = gw
-        .settle(&key, settle_request("r1", "P1", "1000.00"))
-        .await
-        .unwrap();
+    let paid = gw.settle(&key, settle_request("r1", "P1", "1000.00")).await.unwrap();
+    assert_eq!(pb::SettlementStatus::try_from(paid.status), Ok(pb::SettlementStatus::Settled));
     assert_eq!(
-        pb::SettlementStatus::try_from(paid.status),
-        Ok(pb::SettlementStatus::Settled)
-    );
-    assert_eq!(
-        (
-            paid.acct_pay.as_str(),
-            paid.acct_mulaid_pay.as_str(),
-            paid.psn_cash_pay.as_str()
-        ),
+        (paid.acct_pay.as_str(), paid.acct_mulaid_pay.as_str(), paid.psn_cash_pay.as_str()),
         ("120.00", "880.00", "0.00")
     );
     assert_eq!(paid.balc, "0.00");
@@ -65,10 +54,7 @@ async fn own_account_first_then_family_in_the_payers_order(backend: Backend) {
             ("FATHER".into(), "80.00".into(), true)
         ]
     );
-    assert_eq!(
-        pb::AuthMethod::try_from(paid.auth_method),
-        Ok(pb::AuthMethod::ChannelExempt)
-    );
+    assert_eq!(pb::AuthMethod::try_from(paid.auth_method), Ok(pb::AuthMethod::ChannelExempt));
     assert_eq!(gw.balance_of("SPOUSE").await, "0.00");
     assert_eq!(gw.balance_of("FATHER").await, "1420.00");
 
@@ -78,43 +64,17 @@ async fn own_account_first_then_family_in_the_payers_order(backend: Backend) {
         member_psn_no: "P1".into(),
         owner_psn_nos: vec!["FATHER".into(), "SPOUSE".into()],
     };
-    let family = gw
-        .account()
-        .set_deduction_order(auth(order, OPERATOR_KEY))
-        .await
-        .unwrap()
-        .into_inner();
-    let owners: Vec<_> = family
-        .usable_accounts
-        .iter()
-        .map(|a| a.owner_psn_no.as_str())
-        .collect();
+    let family = gw.account().set_deduction_order(auth(order, OPERATOR_KEY)).await.unwrap().into_inner();
+    let owners: Vec<_> = family.usable_accounts.iter().map(|a| a.owner_psn_no.as_str()).collect();
     assert_eq!(owners, ["P1", "FATHER", "SPOUSE"]);
-    let paid = gw
-        .settle(&key, settle_request("r2", "P1", "1450.00"))
-        .await
-        .unwrap();
-    assert_eq!(
-        debits(&paid),
-        vec![
-            ("FATHER".into(), "1420.00".into(), true),
-            ("SPOUSE".into(), "30.00".into(), true)
-        ]
-    );
-    assert_eq!(
-        (paid.acct_pay.as_str(), paid.acct_mulaid_pay.as_str()),
-        ("0.00", "1450.00")
-    );
+    let paid = gw.settle(&key, settle_request("r2", "P1", "1450.00")).await.unwrap();
+    assert_eq!(debits(&paid), vec![("FATHER".into(), "1420.00".into(), true), ("SPOUSE".into(), "30.00".into(), true)]);
+    assert_eq!((paid.acct_pay.as_str(), paid.acct_mulaid_pay.as_str()), ("0.00", "1450.00"));
 
     // An order that is not exactly the registered owners is refused.
-    let bad = pb::SetDeductionOrderRequest {
-        member_psn_no: "P1".into(),
-        owner_psn_nos: vec!["FATHER".into()],
-    };
+    let bad = pb::SetDeductionOrderRequest { member_psn_no: "P1".into(), owner_psn_nos: vec!["FATHER".into()] };
     assert_refused(
-        gw.account()
-            .set_deduction_order(auth(bad, OPERATOR_KEY))
-            .await,
+        gw.account().set_deduction_order(auth(bad, OPERATOR_KEY)).await,
         Code::FailedPrecondition,
         "NOT_REGISTERED_FAMILY",
     );
@@ -126,45 +86,18 @@ async fn partial_leaves_the_rest_to_cash_and_full_only_is_all_or_nothing(backend
     let key = gw.hospital().await;
     gw.employee("P1", "50.00").await;
 
-    let paid = gw
-        .settle(&key, settle_request("partial", "P1", "80.00"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (
-            paid.acct_pay.as_str(),
-            paid.psn_cash_pay.as_str(),
-            paid.balc.as_str()
-        ),
-        ("50.00", "30.00", "0.00")
-    );
+    let paid = gw.settle(&key, settle_request("partial", "P1", "80.00")).await.unwrap();
+    assert_eq!((paid.acct_pay.as_str(), paid.psn_cash_pay.as_str(), paid.balc.as_str()), ("50.00", "30.00", "0.00"));
 
     gw.credit("P1", "20.00").await;
-    let full = pb::SettleRequest {
-        mode: pb::PayMode::FullOnly as i32,
-        ..settle_request("full", "P1", "20.01")
-    };
-    assert_refused(
-        gw.settle(&key, full).await,
-        Code::FailedPrecondition,
-        "INSUFFICIENT_BALANCE",
-    );
-    assert_eq!(
-        gw.balance("P1").await,
-        ("20.00".into(), "20.00".into()),
-        "a refused payment changes nothing"
-    );
+    let full = pb::SettleRequest { mode: pb::PayMode::FullOnly as i32, ..settle_request("full", "P1", "20.01") };
+    assert_refused(gw.settle(&key, full).await, Code::FailedPrecondition, "INSUFFICIENT_BALANCE");
+    assert_eq!(gw.balance("P1").await, ("20.00".into(), "20.00".into()), "a refused payment changes nothing");
 
     // An account with nothing in it still settles partially: everything to cash.
     gw.employee("P2", "0").await;
-    let paid = gw
-        .settle(&key, settle_request("empty", "P2", "12.30"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (paid.acct_pay.as_str(), paid.psn_cash_pay.as_str()),
-        ("0.00", "12.30")
-    );
+    let paid = gw.settle(&key, settle_request("empty", "P2", "12.30")).await.unwrap();
+    assert_eq!((paid.acct_pay.as_str(), paid.psn_cash_pay.as_str()), ("0.00", "12.30"));
     gw.assert_books_balance().await;
 }
 
@@ -175,10 +108,8 @@ async fn fifty_concurrent_full_only_payments_against_one_account(backend: Backen
     let mut calls = Vec::new();
     for i in 0..50 {
         let client = gw.settlement();
-        let request = pb::SettleRequest {
-            mode: pb::PayMode::FullOnly as i32,
-            ..settle_request(&format!("c{i}"), "P1", "30.00")
-        };
+        let request =
+            pb::SettleRequest { mode: pb::PayMode::FullOnly as i32, ..settle_request(&format!("c{i}"), "P1", "30.00") };
         let key = key.clone();
         calls.push(tokio::spawn(async move {
             let mut client = client;
@@ -210,14 +141,8 @@ async fn replay_returns_the_first_answer_and_a_changed_request_is_refused(backen
     let gw = TestGateway::start_with(backend).await;
     let key = gw.hospital().await;
     gw.employee("P1", "100.00").await;
-    let first = gw
-        .settle(&key, settle_request("same", "P1", "40.00"))
-        .await
-        .unwrap();
-    let again = gw
-        .settle(&key, settle_request("same", "P1", "40.00"))
-        .await
-        .unwrap();
+    let first = gw.settle(&key, settle_request("same", "P1", "40.00")).await.unwrap();
+    let again = gw.settle(&key, settle_request("same", "P1", "40.00")).await.unwrap();
     assert_eq!(first, again);
     assert_eq!(gw.balance_of("P1").await, "60.00", "paid once");
     assert_refused(
@@ -232,10 +157,7 @@ async fn replay_returns_the_first_answer_and_a_changed_request_is_refused(backen
         let (client, key) = (gw.settlement(), key.clone());
         calls.push(tokio::spawn(async move {
             let mut client = client;
-            client
-                .settle(auth(settle_request("dup", "P1", "7.00"), &key))
-                .await
-                .map(|r| r.into_inner().setl_id)
+            client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await.map(|r| r.into_inner().setl_id)
         }));
     }
     let mut ids = Vec::new();
@@ -248,10 +170,7 @@ async fn replay_returns_the_first_answer_and_a_changed_request_is_refused(backen
 
     // Request ids belong to the institution: another institution may use the same one.
     let other = gw.institution("H002", pb::InstitutionKind::Hospital).await;
-    let theirs = gw
-        .settle(&other, settle_request("same", "P1", "3.00"))
-        .await
-        .unwrap();
+    let theirs = gw.settle(&other, settle_request("same", "P1", "3.00")).await.unwrap();
     assert_ne!(theirs.setl_id, first.setl_id);
     assert_eq!(gw.balance_of("P1").await, "50.00");
     gw.assert_books_balance().await;
@@ -268,40 +187,26 @@ async fn pin_rules_and_the_durable_lockout(backend: Backend) {
         "PIN_REQUIRED",
     );
     assert_refused(
-        gw.settle(&key, card_request("b", "P1", "10.00", "284617"))
-            .await,
+        gw.settle(&key, card_request("b", "P1", "10.00", "284617")).await,
         Code::FailedPrecondition,
         "PIN_NOT_SET",
     );
     gw.set_pin("P1", "284617").await;
-    let paid = gw
-        .settle(&key, card_request("c", "P1", "10.00", "284617"))
-        .await
-        .unwrap();
-    assert_eq!(
-        pb::AuthMethod::try_from(paid.auth_method),
-        Ok(pb::AuthMethod::Pin)
-    );
+    let paid = gw.settle(&key, card_request("c", "P1", "10.00", "284617")).await.unwrap();
+    assert_eq!(pb::AuthMethod::try_from(paid.auth_method), Ok(pb::AuthMethod::Pin));
     assert!(paid.pin_required);
 
     // A wrong PIN says how many attempts are left; a correct one resets the count.
     let status = assert_refused(
-        gw.settle(&key, card_request("d", "P1", "10.00", "111222"))
-            .await,
+        gw.settle(&key, card_request("d", "P1", "10.00", "111222")).await,
         Code::PermissionDenied,
         "PIN_INCORRECT",
     );
     assert_eq!(status.metadata().get("attempts-left").unwrap(), "4");
-    gw.settle(&key, card_request("e", "P1", "10.00", "284617"))
-        .await
-        .unwrap();
+    gw.settle(&key, card_request("e", "P1", "10.00", "284617")).await.unwrap();
     for (i, left) in ["4", "3", "2", "1", "0"].iter().enumerate() {
         let status = assert_refused(
-            gw.settle(
-                &key,
-                card_request(&format!("w{i}"), "P1", "10.00", "999111"),
-            )
-            .await,
+            gw.settle(&key, card_request(&format!("w{i}"), "P1", "10.00", "999111")).await,
             Code::PermissionDenied,
             "PIN_INCORRECT",
         );
@@ -309,33 +214,26 @@ async fn pin_rules_and_the_durable_lockout(backend: Backend) {
     }
     // Locked, even for the right PIN, and still after a restart (the count is in the ledger).
     assert_refused(
-        gw.settle(&key, card_request("f", "P1", "10.00", "284617"))
-            .await,
+        gw.settle(&key, card_request("f", "P1", "10.00", "284617")).await,
         Code::PermissionDenied,
         "PIN_LOCKED",
     );
     let gw = gw.restart().await;
     assert_refused(
-        gw.settle(&key, card_request("g", "P1", "10.00", "284617"))
-            .await,
+        gw.settle(&key, card_request("g", "P1", "10.00", "284617")).await,
         Code::PermissionDenied,
         "PIN_LOCKED",
     );
     // PIN-exempt channels still work while the PIN is locked.
-    gw.settle(&key, settle_request("h", "P1", "1.00"))
-        .await
-        .unwrap();
+    gw.settle(&key, settle_request("h", "P1", "1.00")).await.unwrap();
     // The next Asia/Shanghai day it unlocks.
     gw.clock.advance_days(1);
-    gw.settle(&key, card_request("i", "P1", "10.00", "284617"))
-        .await
-        .unwrap();
+    gw.settle(&key, card_request("i", "P1", "10.00", "284617")).await.unwrap();
     assert_eq!(gw.balance_of("P1").await, "69.00");
 
     // A malformed PIN is named.
     let status = assert_refused(
-        gw.settle(&key, card_request("j", "P1", "10.00", "12345"))
-            .await,
+        gw.settle(&key, card_request("j", "P1", "10.00", "12345")).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
@@ -346,67 +244,27 @@ async fn pin_rules_and_the_durable_lockout(backend: Backend) {
 async fn pin_management_weak_change_and_operator_reset(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     gw.employee("P1", "0").await;
-    let weak = pb::SetPinRequest {
-        psn_no: "P1".into(),
-        new_pin: "123456".into(),
-    };
-    assert_refused(
-        gw.account().set_pin(auth(weak, OPERATOR_KEY)).await,
-        Code::InvalidArgument,
-        "PIN_TOO_WEAK",
-    );
+    let weak = pb::SetPinRequest { psn_no: "P1".into(), new_pin: "123456".into() };
+    assert_refused(gw.account().set_pin(auth(weak, OPERATOR_KEY)).await, Code::InvalidArgument, "PIN_TOO_WEAK");
     gw.set_pin("P1", "284617").await;
-    let again = pb::SetPinRequest {
-        psn_no: "P1".into(),
-        new_pin: "385720".into(),
-    };
-    assert_refused(
-        gw.account().set_pin(auth(again, OPERATOR_KEY)).await,
-        Code::AlreadyExists,
-        "ALREADY_EXISTS",
-    );
-    let wrong = pb::ChangePinRequest {
-        psn_no: "P1".into(),
-        current_pin: "000001".into(),
-        new_pin: "385720".into(),
-    };
-    assert_refused(
-        gw.account().change_pin(auth(wrong, OPERATOR_KEY)).await,
-        Code::PermissionDenied,
-        "PIN_INCORRECT",
-    );
-    let right = pb::ChangePinRequest {
-        psn_no: "P1".into(),
-        current_pin: "284617".into(),
-        new_pin: "385720".into(),
-    };
-    gw.account()
-        .change_pin(auth(right, OPERATOR_KEY))
-        .await
-        .unwrap();
+    let again = pb::SetPinRequest { psn_no: "P1".into(), new_pin: "385720".into() };
+    assert_refused(gw.account().set_pin(auth(again, OPERATOR_KEY)).await, Code::AlreadyExists, "ALREADY_EXISTS");
+    let wrong = pb::ChangePinRequest { psn_no: "P1".into(), current_pin: "000001".into(), new_pin: "385720".into() };
+    assert_refused(gw.account().change_pin(auth(wrong, OPERATOR_KEY)).await, Code::PermissionDenied, "PIN_INCORRECT");
+    let right = pb::ChangePinRequest { psn_no: "P1".into(), current_pin: "284617".into(), new_pin: "385720".into() };
+    gw.account().change_pin(auth(right, OPERATOR_KEY)).await.unwrap();
 
     let key = gw.hospital().await;
     gw.credit("P1", "5.00").await;
-    gw.settle(&key, card_request("new-pin", "P1", "1.00", "385720"))
-        .await
-        .unwrap();
+    gw.settle(&key, card_request("new-pin", "P1", "1.00", "385720")).await.unwrap();
     assert_refused(
-        gw.settle(&key, card_request("old-pin", "P1", "1.00", "284617"))
-            .await,
+        gw.settle(&key, card_request("old-pin", "P1", "1.00", "284617")).await,
         Code::PermissionDenied,
         "PIN_INCORRECT",
     );
-    let reset = pb::ResetPinRequest {
-        psn_no: "P1".into(),
-        new_pin: "573920".into(),
-    };
-    gw.admin()
-        .reset_pin(auth(reset, OPERATOR_KEY))
-        .await
-        .unwrap();
-    gw.settle(&key, card_request("reset-pin", "P1", "1.00", "573920"))
-        .await
-        .unwrap();
+    let reset = pb::ResetPinRequest { psn_no: "P1".into(), new_pin: "573920".into() };
+    gw.admin().reset_pin(auth(reset, OPERATOR_KEY)).await.unwrap();
+    gw.settle(&key, card_request("reset-pin", "P1", "1.00", "573920")).await.unwrap();
 }
 
 async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
@@ -414,52 +272,26 @@ async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
     let key = gw.hospital().await;
     gw.employee("P1", "2000.00").await;
     gw.set_pin("P1", "284617").await;
-    let no_pin = pb::SetNoPinTierRequest {
-        psn_no: "P1".into(),
-        pin: String::new(),
-        tier: "T200".into(),
-    };
+    let no_pin = pb::SetNoPinTierRequest { psn_no: "P1".into(), pin: String::new(), tier: "T200".into() };
     assert_refused(
-        gw.account()
-            .set_no_pin_tier(auth(no_pin, OPERATOR_KEY))
-            .await,
+        gw.account().set_no_pin_tier(auth(no_pin, OPERATOR_KEY)).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
-    let set = pb::SetNoPinTierRequest {
-        psn_no: "P1".into(),
-        pin: "284617".into(),
-        tier: "T200".into(),
-    };
-    let balance = gw
-        .account()
-        .set_no_pin_tier(auth(set, OPERATOR_KEY))
-        .await
-        .unwrap()
-        .into_inner();
+    let set = pb::SetNoPinTierRequest { psn_no: "P1".into(), pin: "284617".into(), tier: "T200".into() };
+    let balance = gw.account().set_no_pin_tier(auth(set, OPERATOR_KEY)).await.unwrap().into_inner();
     assert_eq!(balance.no_pin_tier, "T200");
 
-    let paid = gw
-        .settle(&key, card_request("t1", "P1", "200.00", ""))
-        .await
-        .unwrap();
-    assert_eq!(
-        pb::AuthMethod::try_from(paid.auth_method),
-        Ok(pb::AuthMethod::NoPinLimit)
-    );
+    let paid = gw.settle(&key, card_request("t1", "P1", "200.00", "")).await.unwrap();
+    assert_eq!(pb::AuthMethod::try_from(paid.auth_method), Ok(pb::AuthMethod::NoPinLimit));
     assert!(!paid.pin_required);
     assert_refused(
-        gw.settle(&key, card_request("t2", "P1", "200.01", ""))
-            .await,
+        gw.settle(&key, card_request("t2", "P1", "200.01", "")).await,
         Code::FailedPrecondition,
         "PIN_REQUIRED",
     );
-    gw.settle(&key, card_request("t3", "P1", "150.00", ""))
-        .await
-        .unwrap();
-    gw.settle(&key, card_request("t4", "P1", "150.00", ""))
-        .await
-        .unwrap();
+    gw.settle(&key, card_request("t3", "P1", "150.00", "")).await.unwrap();
+    gw.settle(&key, card_request("t4", "P1", "150.00", "")).await.unwrap();
     // 500.00 used today: the daily ceiling is reached.
     assert_refused(
         gw.settle(&key, card_request("t5", "P1", "0.01", "")).await,
@@ -467,14 +299,10 @@ async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
         "PIN_REQUIRED",
     );
     // With the PIN it goes through and does not count against the tier.
-    gw.settle(&key, card_request("t6", "P1", "300.00", "284617"))
-        .await
-        .unwrap();
+    gw.settle(&key, card_request("t6", "P1", "300.00", "284617")).await.unwrap();
     // A new Asia/Shanghai day starts a new allowance.
     gw.clock.advance_days(1);
-    gw.settle(&key, card_request("t7", "P1", "200.00", ""))
-        .await
-        .unwrap();
+    gw.settle(&key, card_request("t7", "P1", "200.00", "")).await.unwrap();
     assert_eq!(gw.balance_of("P1").await, "1000.00");
 
     // Concurrent no-PIN payments cannot together pass the daily ceiling.
@@ -484,12 +312,7 @@ async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
         let (client, key) = (gw.settlement(), key.clone());
         calls.push(tokio::spawn(async move {
             let mut client = client;
-            client
-                .settle(auth(
-                    card_request(&format!("race{i}"), "P1", "100.00", ""),
-                    &key,
-                ))
-                .await
+            client.settle(auth(card_request(&format!("race{i}"), "P1", "100.00", ""), &key)).await
         }));
     }
     let mut ok = 0;
@@ -502,29 +325,11 @@ async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
     assert_eq!(ok, 5, "500.00 a day in 100.00 payments");
     assert_eq!(gw.balance_of("P1").await, "500.00");
 
-    let off = pb::SetNoPinTierRequest {
-        psn_no: "P1".into(),
-        pin: String::new(),
-        tier: "NONE".into(),
-    };
-    assert_eq!(
-        gw.account()
-            .set_no_pin_tier(auth(off, OPERATOR_KEY))
-            .await
-            .unwrap()
-            .into_inner()
-            .no_pin_tier,
-        "NONE"
-    );
-    let unknown = pb::SetNoPinTierRequest {
-        psn_no: "P1".into(),
-        pin: "284617".into(),
-        tier: "T9999".into(),
-    };
+    let off = pb::SetNoPinTierRequest { psn_no: "P1".into(), pin: String::new(), tier: "NONE".into() };
+    assert_eq!(gw.account().set_no_pin_tier(auth(off, OPERATOR_KEY)).await.unwrap().into_inner().no_pin_tier, "NONE");
+    let unknown = pb::SetNoPinTierRequest { psn_no: "P1".into(), pin: "284617".into(), tier: "T9999".into() };
     assert_refused(
-        gw.account()
-            .set_no_pin_tier(auth(unknown, OPERATOR_KEY))
-            .await,
+        gw.account().set_no_pin_tier(auth(unknown, OPERATOR_KEY)).await,
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
@@ -533,9 +338,7 @@ async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
 async fn exempt_channels_and_the_registration_cap(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     let hospital = gw.hospital().await;
-    let platform = gw
-        .institution("X001", pb::InstitutionKind::CrossRegionPlatform)
-        .await;
+    let platform = gw.institution("X001", pb::InstitutionKind::CrossRegionPlatform).await;
     gw.employee("P1", "1000.00").await;
     let registration = |id: &str, amount: &str| pb::SettleRequest {
         channel: pb::Channel::Registration as i32,
@@ -543,38 +346,19 @@ async fn exempt_channels_and_the_registration_cap(backend: Backend) {
         ec_token: String::new(),
         ..settle_request(id, "P1", amount)
     };
-    let paid = gw
-        .settle(&hospital, registration("g1", "100.00"))
-        .await
-        .unwrap();
-    assert_eq!(
-        pb::AuthMethod::try_from(paid.auth_method),
-        Ok(pb::AuthMethod::ChannelExempt)
-    );
-    assert_refused(
-        gw.settle(&hospital, registration("g2", "100.01")).await,
-        Code::FailedPrecondition,
-        "PIN_REQUIRED",
-    );
+    let paid = gw.settle(&hospital, registration("g1", "100.00")).await.unwrap();
+    assert_eq!(pb::AuthMethod::try_from(paid.auth_method), Ok(pb::AuthMethod::ChannelExempt));
+    assert_refused(gw.settle(&hospital, registration("g2", "100.01")).await, Code::FailedPrecondition, "PIN_REQUIRED");
     let cross = pb::SettleRequest {
         channel: pb::Channel::CrossRegion as i32,
         ec_token: String::new(),
         ..settle_request("x1", "P1", "300.00")
     };
     let paid = gw.settle(&platform, cross).await.unwrap();
-    assert_eq!(
-        pb::AuthMethod::try_from(paid.auth_method),
-        Ok(pb::AuthMethod::ChannelExempt)
-    );
-    let voucher_without_token = pb::SettleRequest {
-        ec_token: String::new(),
-        ..settle_request("v1", "P1", "1.00")
-    };
-    let status = assert_refused(
-        gw.settle(&hospital, voucher_without_token).await,
-        Code::InvalidArgument,
-        "INVALID_ARGUMENT",
-    );
+    assert_eq!(pb::AuthMethod::try_from(paid.auth_method), Ok(pb::AuthMethod::ChannelExempt));
+    let voucher_without_token = pb::SettleRequest { ec_token: String::new(), ..settle_request("v1", "P1", "1.00") };
+    let status =
+        assert_refused(gw.settle(&hospital, voucher_without_token).await, Code::InvalidArgument, "INVALID_ARGUMENT");
     assert!(status.message().starts_with("ec_token"));
     assert_eq!(gw.balance_of("P1").await, "600.00");
 }
@@ -594,37 +378,20 @@ async fn channels_and_categories_are_checked_per_institution_kind(backend: Backe
         Code::FailedPrecondition,
         "CHANNEL_NOT_ALLOWED",
     );
-    let registration_fee_by_voucher = pb::SettleRequest {
-        category: pb::Category::Registration as i32,
-        ..settle_request("p2", "P1", "5.00")
-    };
+    let registration_fee_by_voucher =
+        pb::SettleRequest { category: pb::Category::Registration as i32, ..settle_request("p2", "P1", "5.00") };
     assert_refused(
         gw.settle(&pharmacy, registration_fee_by_voucher).await,
         Code::FailedPrecondition,
         "CATEGORY_NOT_ALLOWED",
     );
-    let inpatient_at_pharmacy = pb::SettleRequest {
-        category: pb::Category::Inpatient as i32,
-        ..settle_request("p3", "P1", "5.00")
-    };
-    assert_refused(
-        gw.settle(&pharmacy, inpatient_at_pharmacy).await,
-        Code::FailedPrecondition,
-        "CATEGORY_NOT_ALLOWED",
-    );
-    let cross_at_hospital = pb::SettleRequest {
-        channel: pb::Channel::CrossRegion as i32,
-        ..settle_request("p4", "P1", "5.00")
-    };
-    assert_refused(
-        gw.settle(&hospital, cross_at_hospital).await,
-        Code::FailedPrecondition,
-        "CHANNEL_NOT_ALLOWED",
-    );
-    let medicine = pb::SettleRequest {
-        category: pb::Category::Pharmacy as i32,
-        ..settle_request("p5", "P1", "5.00")
-    };
+    let inpatient_at_pharmacy =
+        pb::SettleRequest { category: pb::Category::Inpatient as i32, ..settle_request("p3", "P1", "5.00") };
+    assert_refused(gw.settle(&pharmacy, inpatient_at_pharmacy).await, Code::FailedPrecondition, "CATEGORY_NOT_ALLOWED");
+    let cross_at_hospital =
+        pb::SettleRequest { channel: pb::Channel::CrossRegion as i32, ..settle_request("p4", "P1", "5.00") };
+    assert_refused(gw.settle(&hospital, cross_at_hospital).await, Code::FailedPrecondition, "CHANNEL_NOT_ALLOWED");
+    let medicine = pb::SettleRequest { category: pb::Category::Pharmacy as i32, ..settle_request("p5", "P1", "5.00") };
     gw.settle(&pharmacy, medicine).await.unwrap();
     assert_eq!(gw.balance_of("P1").await, "95.00");
 }
@@ -634,41 +401,17 @@ async fn a_lost_card_refuses_card_payments_but_not_the_e_voucher(backend: Backen
     let key = gw.hospital().await;
     gw.employee("P1", "100.00").await;
     gw.set_pin("P1", "284617").await;
-    gw.account()
-        .report_card_loss(auth(
-            pb::ReportCardLossRequest {
-                psn_no: "P1".into(),
-            },
-            OPERATOR_KEY,
-        ))
-        .await
-        .unwrap();
+    gw.account().report_card_loss(auth(pb::ReportCardLossRequest { psn_no: "P1".into() }, OPERATOR_KEY)).await.unwrap();
     assert_refused(
-        gw.settle(&key, card_request("l1", "P1", "10.00", "284617"))
-            .await,
+        gw.settle(&key, card_request("l1", "P1", "10.00", "284617")).await,
         Code::FailedPrecondition,
         "CARD_LOST",
     );
-    gw.settle(&key, settle_request("l2", "P1", "10.00"))
-        .await
-        .unwrap();
-    let restore = pb::RestoreCardRequest {
-        psn_no: "P1".into(),
-        pin: "284617".into(),
-    };
-    let balance = gw
-        .account()
-        .restore_card(auth(restore, OPERATOR_KEY))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        pb::CardStatus::try_from(balance.card_status),
-        Ok(pb::CardStatus::Normal)
-    );
-    gw.settle(&key, card_request("l3", "P1", "10.00", "284617"))
-        .await
-        .unwrap();
+    gw.settle(&key, settle_request("l2", "P1", "10.00")).await.unwrap();
+    let restore = pb::RestoreCardRequest { psn_no: "P1".into(), pin: "284617".into() };
+    let balance = gw.account().restore_card(auth(restore, OPERATOR_KEY)).await.unwrap().into_inner();
+    assert_eq!(pb::CardStatus::try_from(balance.card_status), Ok(pb::CardStatus::Normal));
+    gw.settle(&key, card_request("l3", "P1", "10.00", "284617")).await.unwrap();
     assert_eq!(gw.balance_of("P1").await, "80.00");
 }
 
@@ -678,44 +421,17 @@ async fn refunds_go_back_in_reverse_order_and_never_exceed_what_was_paid(backend
     gw.employee("P1", "60.00").await;
     gw.employee("SPOUSE", "100.00").await;
     gw.family("SPOUSE", "P1", pb::Relation::Spouse).await;
-    let paid = gw
-        .settle(&key, settle_request("s1", "P1", "100.00"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (paid.acct_pay.as_str(), paid.acct_mulaid_pay.as_str()),
-        ("60.00", "40.00")
-    );
+    let paid = gw.settle(&key, settle_request("s1", "P1", "100.00")).await.unwrap();
+    assert_eq!((paid.acct_pay.as_str(), paid.acct_mulaid_pay.as_str()), ("60.00", "40.00"));
 
     // The last account drawn is repaid first.
-    let refund = pb::RefundRequest {
-        request_id: "f1".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: "50.00".into(),
-    };
-    let refund = gw
-        .settlement()
-        .refund(auth(refund, &key))
-        .await
-        .unwrap()
-        .into_inner();
-    let credits: Vec<_> = refund
-        .credits
-        .iter()
-        .map(|c| (c.owner_psn_no.as_str(), c.amount.as_str(), c.family))
-        .collect();
+    let refund = pb::RefundRequest { request_id: "f1".into(), setl_id: paid.setl_id.clone(), amount: "50.00".into() };
+    let refund = gw.settlement().refund(auth(refund, &key)).await.unwrap().into_inner();
+    let credits: Vec<_> =
+        refund.credits.iter().map(|c| (c.owner_psn_no.as_str(), c.amount.as_str(), c.family)).collect();
     assert_eq!(credits, [("SPOUSE", "40.00", true), ("P1", "10.00", false)]);
-    assert_eq!(
-        pb::SettlementStatus::try_from(refund.settlement_status),
-        Ok(pb::SettlementStatus::PartiallyRefunded)
-    );
-    assert_eq!(
-        (
-            refund.refunded_total.as_str(),
-            refund.refundable_amount.as_str()
-        ),
-        ("50.00", "50.00")
-    );
+    assert_eq!(pb::SettlementStatus::try_from(refund.settlement_status), Ok(pb::SettlementStatus::PartiallyRefunded));
+    assert_eq!((refund.refunded_total.as_str(), refund.refundable_amount.as_str()), ("50.00", "50.00"));
     assert_eq!(gw.balance_of("SPOUSE").await, "100.00");
     assert_eq!(gw.balance_of("P1").await, "10.00");
 
@@ -725,11 +441,7 @@ async fn refunds_go_back_in_reverse_order_and_never_exceed_what_was_paid(backend
         let (client, key, setl_id) = (gw.settlement(), key.clone(), paid.setl_id.clone());
         calls.push(tokio::spawn(async move {
             let mut client = client;
-            let request = pb::RefundRequest {
-                request_id: format!("race{i}"),
-                setl_id,
-                amount: "7.00".into(),
-            };
+            let request = pb::RefundRequest { request_id: format!("race{i}"), setl_id, amount: "7.00".into() };
             client.refund(auth(request, &key)).await
         }));
     }
@@ -737,69 +449,28 @@ async fn refunds_go_back_in_reverse_order_and_never_exceed_what_was_paid(backend
     for call in calls {
         match call.await.unwrap() {
             Ok(_) => ok += 1,
-            Err(status) => assert_eq!(
-                (status.code(), reason(&status).as_str()),
-                (Code::FailedPrecondition, "REFUND_EXCEEDS_PAID")
-            ),
+            Err(status) => {
+                assert_eq!((status.code(), reason(&status).as_str()), (Code::FailedPrecondition, "REFUND_EXCEEDS_PAID"))
+            }
         }
     }
     assert_eq!(ok, 7);
     assert_eq!(gw.balance_of("P1").await, "59.00");
 
     // Empty amount: everything still refundable.
-    let rest = pb::RefundRequest {
-        request_id: "f-rest".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: String::new(),
-    };
-    let rest = gw
-        .settlement()
-        .refund(auth(rest, &key))
-        .await
-        .unwrap()
-        .into_inner();
+    let rest = pb::RefundRequest { request_id: "f-rest".into(), setl_id: paid.setl_id.clone(), amount: String::new() };
+    let rest = gw.settlement().refund(auth(rest, &key)).await.unwrap().into_inner();
     assert_eq!(rest.amount, "1.00");
-    assert_eq!(
-        pb::SettlementStatus::try_from(rest.settlement_status),
-        Ok(pb::SettlementStatus::Refunded)
-    );
+    assert_eq!(pb::SettlementStatus::try_from(rest.settlement_status), Ok(pb::SettlementStatus::Refunded));
     assert_eq!(gw.balance_of("P1").await, "60.00");
-    let more = pb::RefundRequest {
-        request_id: "f-more".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: "0.01".into(),
-    };
-    assert_refused(
-        gw.settlement().refund(auth(more, &key)).await,
-        Code::FailedPrecondition,
-        "REFUND_EXCEEDS_PAID",
-    );
+    let more = pb::RefundRequest { request_id: "f-more".into(), setl_id: paid.setl_id.clone(), amount: "0.01".into() };
+    assert_refused(gw.settlement().refund(auth(more, &key)).await, Code::FailedPrecondition, "REFUND_EXCEEDS_PAID");
 
     // A replayed refund returns the first answer; a changed one is refused.
-    let replay = pb::RefundRequest {
-        request_id: "f1".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: "50.00".into(),
-    };
-    assert_eq!(
-        gw.settlement()
-            .refund(auth(replay, &key))
-            .await
-            .unwrap()
-            .into_inner()
-            .refund_id,
-        refund.refund_id
-    );
-    let changed = pb::RefundRequest {
-        request_id: "f1".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: "49.00".into(),
-    };
-    assert_refused(
-        gw.settlement().refund(auth(changed, &key)).await,
-        Code::AlreadyExists,
-        "REQUEST_ID_REUSED",
-    );
+    let replay = pb::RefundRequest { request_id: "f1".into(), setl_id: paid.setl_id.clone(), amount: "50.00".into() };
+    assert_eq!(gw.settlement().refund(auth(replay, &key)).await.unwrap().into_inner().refund_id, refund.refund_id);
+    let changed = pb::RefundRequest { request_id: "f1".into(), setl_id: paid.setl_id.clone(), amount: "49.00".into() };
+    assert_refused(gw.settlement().refund(auth(changed, &key)).await, Code::AlreadyExists, "REQUEST_ID_REUSED");
     gw.assert_books_balance().await;
 }
 
@@ -809,87 +480,44 @@ async fn reversal_undoes_a_settlement_and_a_tombstone_refuses_a_late_original(ba
     gw.employee("P1", "30.00").await;
     gw.employee("MOTHER", "50.00").await;
     gw.family("MOTHER", "P1", pb::Relation::Child).await;
-    gw.settle(&key, settle_request("orig", "P1", "45.00"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (gw.balance_of("P1").await, gw.balance_of("MOTHER").await),
-        ("0.00".into(), "35.00".into())
-    );
+    gw.settle(&key, settle_request("orig", "P1", "45.00")).await.unwrap();
+    assert_eq!((gw.balance_of("P1").await, gw.balance_of("MOTHER").await), ("0.00".into(), "35.00".into()));
 
     let reversed = gw
         .settlement()
-        .reverse(auth(
-            pb::ReverseRequest {
-                original_request_id: "orig".into(),
-            },
-            &key,
-        ))
+        .reverse(auth(pb::ReverseRequest { original_request_id: "orig".into() }, &key))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        pb::SettlementStatus::try_from(reversed.status),
-        Ok(pb::SettlementStatus::Reversed)
-    );
-    assert_eq!(
-        (gw.balance_of("P1").await, gw.balance_of("MOTHER").await),
-        ("30.00".into(), "50.00".into())
-    );
+    assert_eq!(pb::SettlementStatus::try_from(reversed.status), Ok(pb::SettlementStatus::Reversed));
+    assert_eq!((gw.balance_of("P1").await, gw.balance_of("MOTHER").await), ("30.00".into(), "50.00".into()));
     // Reversing twice is harmless; the original cannot be replayed; a refund finds nothing left.
-    gw.settlement()
-        .reverse(auth(
-            pb::ReverseRequest {
-                original_request_id: "orig".into(),
-            },
-            &key,
-        ))
-        .await
-        .unwrap();
+    gw.settlement().reverse(auth(pb::ReverseRequest { original_request_id: "orig".into() }, &key)).await.unwrap();
     assert_eq!(gw.balance_of("P1").await, "30.00");
     assert_refused(
         gw.settle(&key, settle_request("orig", "P1", "45.00")).await,
         Code::FailedPrecondition,
         "ORIGINAL_REVERSED",
     );
-    let refund = pb::RefundRequest {
-        request_id: "after".into(),
-        setl_id: reversed.setl_id.clone(),
-        amount: String::new(),
-    };
-    assert_refused(
-        gw.settlement().refund(auth(refund, &key)).await,
-        Code::FailedPrecondition,
-        "REFUND_EXCEEDS_PAID",
-    );
+    let refund =
+        pb::RefundRequest { request_id: "after".into(), setl_id: reversed.setl_id.clone(), amount: String::new() };
+    assert_refused(gw.settlement().refund(auth(refund, &key)).await, Code::FailedPrecondition, "REFUND_EXCEEDS_PAID");
 
     // A reversal that arrives before its original leaves a tombstone.
     let tomb = gw
         .settlement()
-        .reverse(auth(
-            pb::ReverseRequest {
-                original_request_id: "late".into(),
-            },
-            &key,
-        ))
+        .reverse(auth(pb::ReverseRequest { original_request_id: "late".into() }, &key))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        pb::SettlementStatus::try_from(tomb.status),
-        Ok(pb::SettlementStatus::Reversed)
-    );
+    assert_eq!(pb::SettlementStatus::try_from(tomb.status), Ok(pb::SettlementStatus::Reversed));
     assert_eq!(tomb.amount, "0.00");
     assert_refused(
         gw.settle(&key, settle_request("late", "P1", "10.00")).await,
         Code::FailedPrecondition,
         "ORIGINAL_REVERSED",
     );
-    assert_eq!(
-        gw.balance_of("P1").await,
-        "30.00",
-        "the late original took nothing"
-    );
+    assert_eq!(gw.balance_of("P1").await, "30.00", "the late original took nothing");
     gw.assert_books_balance().await;
 }
 
@@ -898,48 +526,18 @@ async fn institutions_see_and_refund_only_their_own_settlements(backend: Backend
     let mine = gw.hospital().await;
     let theirs = gw.institution("H002", pb::InstitutionKind::Hospital).await;
     gw.employee("P1", "100.00").await;
-    let paid = gw
-        .settle(&mine, settle_request("m1", "P1", "10.00"))
-        .await
-        .unwrap();
-    let get = |id: &str| pb::GetSettlementRequest {
-        key: Some(pb::get_settlement_request::Key::SetlId(id.into())),
-    };
-    assert_eq!(
-        gw.settlement()
-            .get_settlement(auth(get(&paid.setl_id), &mine))
-            .await
-            .unwrap()
-            .into_inner(),
-        paid
-    );
+    let paid = gw.settle(&mine, settle_request("m1", "P1", "10.00")).await.unwrap();
+    let get = |id: &str| pb::GetSettlementRequest { key: Some(pb::get_settlement_request::Key::SetlId(id.into())) };
+    assert_eq!(gw.settlement().get_settlement(auth(get(&paid.setl_id), &mine)).await.unwrap().into_inner(), paid);
     assert_refused(
-        gw.settlement()
-            .get_settlement(auth(get(&paid.setl_id), &theirs))
-            .await,
+        gw.settlement().get_settlement(auth(get(&paid.setl_id), &theirs)).await,
         Code::NotFound,
         "NOT_FOUND",
     );
-    let refund = pb::RefundRequest {
-        request_id: "x".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: String::new(),
-    };
-    assert_refused(
-        gw.settlement().refund(auth(refund, &theirs)).await,
-        Code::NotFound,
-        "NOT_FOUND",
-    );
-    let by_request = pb::GetSettlementRequest {
-        key: Some(pb::get_settlement_request::Key::RequestId("m1".into())),
-    };
-    assert_refused(
-        gw.settlement()
-            .get_settlement(auth(by_request, &theirs))
-            .await,
-        Code::NotFound,
-        "NOT_FOUND",
-    );
+    let refund = pb::RefundRequest { request_id: "x".into(), setl_id: paid.setl_id.clone(), amount: String::new() };
+    assert_refused(gw.settlement().refund(auth(refund, &theirs)).await, Code::NotFound, "NOT_FOUND");
+    let by_request = pb::GetSettlementRequest { key: Some(pb::get_settlement_request::Key::RequestId("m1".into())) };
+    assert_refused(gw.settlement().get_settlement(auth(by_request, &theirs)).await, Code::NotFound, "NOT_FOUND");
     assert_eq!(gw.balance_of("P1").await, "90.00");
 }
 
@@ -949,8 +547,7 @@ async fn family_rules_status_relations_frozen_accounts_and_self_only(backend: Ba
     gw.employee("P1", "10.00").await;
     gw.employee("SPOUSE", "100.00").await;
     gw.employee("BROTHER", "100.00").await;
-    gw.person("KID", BEIJING, pb::PersonCategory::Resident, "0")
-        .await;
+    gw.person("KID", BEIJING, pb::PersonCategory::Resident, "0").await;
     gw.family("SPOUSE", "P1", pb::Relation::Spouse).await;
     gw.family("P1", "KID", pb::Relation::Child).await;
 
@@ -961,24 +558,19 @@ async fn family_rules_status_relations_frozen_accounts_and_self_only(backend: Ba
         relation: pb::Relation::Sibling as i32,
     };
     assert_refused(
-        gw.account()
-            .register_family_member(auth(sibling, OPERATOR_KEY))
-            .await,
+        gw.account().register_family_member(auth(sibling, OPERATOR_KEY)).await,
         Code::FailedPrecondition,
         "FAMILY_RELATION_NOT_ALLOWED",
     );
     // Family members must be insured in the same region.
-    gw.person("HUNAN1", HUNAN, pb::PersonCategory::Employee, "5.00")
-        .await;
+    gw.person("HUNAN1", HUNAN, pb::PersonCategory::Employee, "5.00").await;
     let far = pb::RegisterFamilyMemberRequest {
         owner_psn_no: "HUNAN1".into(),
         member_psn_no: "P1".into(),
         relation: pb::Relation::Spouse as i32,
     };
     assert_refused(
-        gw.account()
-            .register_family_member(auth(far, OPERATOR_KEY))
-            .await,
+        gw.account().register_family_member(auth(far, OPERATOR_KEY)).await,
         Code::FailedPrecondition,
         "FAMILY_RELATION_NOT_ALLOWED",
     );
@@ -988,84 +580,44 @@ async fn family_rules_status_relations_frozen_accounts_and_self_only(backend: Ba
         relation: pb::Relation::Spouse as i32,
     };
     assert_refused(
-        gw.account()
-            .register_family_member(auth(twice, OPERATOR_KEY))
-            .await,
+        gw.account().register_family_member(auth(twice, OPERATOR_KEY)).await,
         Code::AlreadyExists,
         "ALREADY_EXISTS",
     );
 
     // A resident child without an account draws on the parent's.
-    let kid = gw
-        .settle(&key, settle_request("k1", "KID", "4.00"))
-        .await
-        .unwrap();
+    let kid = gw.settle(&key, settle_request("k1", "KID", "4.00")).await.unwrap();
     assert_eq!(debits(&kid), vec![("P1".into(), "4.00".into(), true)]);
-    assert_eq!(
-        (
-            kid.acct_pay.as_str(),
-            kid.acct_mulaid_pay.as_str(),
-            kid.balc.as_str()
-        ),
-        ("0.00", "4.00", "0.00")
-    );
+    assert_eq!((kid.acct_pay.as_str(), kid.acct_mulaid_pay.as_str(), kid.balc.as_str()), ("0.00", "4.00", "0.00"));
 
     // self_only: no family draw.
-    let own = pb::SettleRequest {
-        self_only: true,
-        ..settle_request("s1", "P1", "20.00")
-    };
+    let own = pb::SettleRequest { self_only: true, ..settle_request("s1", "P1", "20.00") };
     let own = gw.settle(&key, own).await.unwrap();
     assert_eq!(
-        (
-            own.acct_pay.as_str(),
-            own.acct_mulaid_pay.as_str(),
-            own.psn_cash_pay.as_str()
-        ),
+        (own.acct_pay.as_str(), own.acct_mulaid_pay.as_str(), own.psn_cash_pay.as_str()),
         ("6.00", "0.00", "14.00")
     );
 
     // A frozen family account is skipped; a frozen own account refuses.
     gw.admin()
         .freeze_account(auth(
-            pb::FreezeAccountRequest {
-                psn_no: "SPOUSE".into(),
-                reason: "audit".into(),
-            },
+            pb::FreezeAccountRequest { psn_no: "SPOUSE".into(), reason: "audit".into() },
             OPERATOR_KEY,
         ))
         .await
         .unwrap();
     gw.credit("P1", "5.00").await;
-    let skip = gw
-        .settle(&key, settle_request("s2", "P1", "20.00"))
-        .await
-        .unwrap();
+    let skip = gw.settle(&key, settle_request("s2", "P1", "20.00")).await.unwrap();
     assert_eq!(
-        (
-            skip.acct_pay.as_str(),
-            skip.acct_mulaid_pay.as_str(),
-            skip.psn_cash_pay.as_str()
-        ),
+        (skip.acct_pay.as_str(), skip.acct_mulaid_pay.as_str(), skip.psn_cash_pay.as_str()),
         ("5.00", "0.00", "15.00")
     );
     gw.admin()
-        .unfreeze_account(auth(
-            pb::UnfreezeAccountRequest {
-                psn_no: "SPOUSE".into(),
-            },
-            OPERATOR_KEY,
-        ))
+        .unfreeze_account(auth(pb::UnfreezeAccountRequest { psn_no: "SPOUSE".into() }, OPERATOR_KEY))
         .await
         .unwrap();
     gw.admin()
-        .freeze_account(auth(
-            pb::FreezeAccountRequest {
-                psn_no: "P1".into(),
-                reason: "audit".into(),
-            },
-            OPERATOR_KEY,
-        ))
+        .freeze_account(auth(pb::FreezeAccountRequest { psn_no: "P1".into(), reason: "audit".into() }, OPERATOR_KEY))
         .await
         .unwrap();
     assert_refused(
@@ -1073,15 +625,7 @@ async fn family_rules_status_relations_frozen_accounts_and_self_only(backend: Ba
         Code::FailedPrecondition,
         "ACCOUNT_FROZEN",
     );
-    gw.admin()
-        .unfreeze_account(auth(
-            pb::UnfreezeAccountRequest {
-                psn_no: "P1".into(),
-            },
-            OPERATOR_KEY,
-        ))
-        .await
-        .unwrap();
+    gw.admin().unfreeze_account(auth(pb::UnfreezeAccountRequest { psn_no: "P1".into() }, OPERATOR_KEY)).await.unwrap();
 
     // A REMOVED person keeps their own account but no longer draws on family (000 §14).
     let removed = pb::UpsertPersonRequest {
@@ -1092,49 +636,24 @@ async fn family_rules_status_relations_frozen_accounts_and_self_only(backend: Ba
         category: pb::PersonCategory::Employee as i32,
         status: pb::InsuranceStatus::Removed as i32,
     };
-    gw.admin()
-        .upsert_person(auth(removed, OPERATOR_KEY))
-        .await
-        .unwrap();
+    gw.admin().upsert_person(auth(removed, OPERATOR_KEY)).await.unwrap();
     gw.credit("P1", "3.00").await;
-    let after = gw
-        .settle(&key, settle_request("s4", "P1", "10.00"))
-        .await
-        .unwrap();
+    let after = gw.settle(&key, settle_request("s4", "P1", "10.00")).await.unwrap();
     assert_eq!(
-        (
-            after.acct_pay.as_str(),
-            after.acct_mulaid_pay.as_str(),
-            after.psn_cash_pay.as_str()
-        ),
+        (after.acct_pay.as_str(), after.acct_mulaid_pay.as_str(), after.psn_cash_pay.as_str()),
         ("3.00", "0.00", "7.00")
     );
 
     // Revoked: the spouse's account is no longer usable.
-    let revoke = pb::RevokeFamilyMemberRequest {
-        owner_psn_no: "SPOUSE".into(),
-        member_psn_no: "P1".into(),
-    };
-    gw.account()
-        .revoke_family_member(auth(revoke, OPERATOR_KEY))
-        .await
-        .unwrap();
+    let revoke = pb::RevokeFamilyMemberRequest { owner_psn_no: "SPOUSE".into(), member_psn_no: "P1".into() };
+    gw.account().revoke_family_member(auth(revoke, OPERATOR_KEY)).await.unwrap();
     let family = gw
         .account()
-        .list_family(auth(
-            pb::ListFamilyRequest {
-                psn_no: "P1".into(),
-            },
-            OPERATOR_KEY,
-        ))
+        .list_family(auth(pb::ListFamilyRequest { psn_no: "P1".into() }, OPERATOR_KEY))
         .await
         .unwrap()
         .into_inner();
-    let usable: Vec<_> = family
-        .usable_accounts
-        .iter()
-        .map(|a| a.owner_psn_no.as_str())
-        .collect();
+    let usable: Vec<_> = family.usable_accounts.iter().map(|a| a.owner_psn_no.as_str()).collect();
     assert_eq!(usable, ["P1"]);
     assert_eq!(gw.balance_of("SPOUSE").await, "100.00");
     gw.assert_books_balance().await;
@@ -1145,8 +664,7 @@ async fn premiums_are_full_or_nothing_from_the_own_account_for_registered_family
     let key = gw.hospital().await;
     gw.employee("P1", "300.00").await;
     gw.employee("SPOUSE", "1000.00").await;
-    gw.person("MOM", BEIJING, pb::PersonCategory::Resident, "0")
-        .await;
+    gw.person("MOM", BEIJING, pb::PersonCategory::Resident, "0").await;
     gw.family("SPOUSE", "P1", pb::Relation::Spouse).await;
     let premium = |id: &str, amount: &str, beneficiary: &str| pb::SettleRequest {
         category: pb::Category::Premium as i32,
@@ -1165,122 +683,56 @@ async fn premiums_are_full_or_nothing_from_the_own_account_for_registered_family
         "NOT_REGISTERED_FAMILY",
     );
     gw.family("P1", "MOM", pb::Relation::Parent).await;
-    let paid = gw
-        .settle(&key, premium("pr3", "100.00", "MOM"))
-        .await
-        .unwrap();
+    let paid = gw.settle(&key, premium("pr3", "100.00", "MOM")).await.unwrap();
     assert_eq!(
-        (
-            paid.acct_pay.as_str(),
-            paid.acct_mulaid_pay.as_str(),
-            paid.beneficiary_psn_no.as_str()
-        ),
+        (paid.acct_pay.as_str(), paid.acct_mulaid_pay.as_str(), paid.beneficiary_psn_no.as_str()),
         ("100.00", "0.00", "MOM")
     );
-    assert_eq!(
-        (gw.balance_of("P1").await, gw.balance_of("SPOUSE").await),
-        ("200.00".into(), "1000.00".into())
-    );
+    assert_eq!((gw.balance_of("P1").await, gw.balance_of("SPOUSE").await), ("200.00".into(), "1000.00".into()));
 }
 
 async fn pre_settle_plans_without_side_effects(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     let key = gw.hospital().await;
     gw.employee("P1", "50.00").await;
-    let plan = gw
-        .settlement()
-        .pre_settle(auth(card_request("plan", "P1", "80.00", ""), &key))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        pb::SettlementStatus::try_from(plan.status),
-        Ok(pb::SettlementStatus::Planned)
-    );
+    let plan =
+        gw.settlement().pre_settle(auth(card_request("plan", "P1", "80.00", ""), &key)).await.unwrap().into_inner();
+    assert_eq!(pb::SettlementStatus::try_from(plan.status), Ok(pb::SettlementStatus::Planned));
     assert!(plan.pin_required);
-    assert_eq!(
-        (
-            plan.acct_pay.as_str(),
-            plan.psn_cash_pay.as_str(),
-            plan.balc.as_str()
-        ),
-        ("50.00", "30.00", "0.00")
-    );
+    assert_eq!((plan.acct_pay.as_str(), plan.psn_cash_pay.as_str(), plan.balc.as_str()), ("50.00", "30.00", "0.00"));
     assert_eq!(gw.balance("P1").await, ("50.00".into(), "50.00".into()));
     // The request id is still free.
-    gw.settle(&key, settle_request("plan", "P1", "80.00"))
-        .await
-        .unwrap();
+    gw.settle(&key, settle_request("plan", "P1", "80.00")).await.unwrap();
 }
 
 async fn malformed_input_is_refused_with_the_field_named_and_changes_nothing(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     let key = gw.hospital().await;
     gw.employee("P1", "50.00").await;
-    for bad in [
-        "-1.00",
-        "1.234",
-        "1e3",
-        "",
-        " 1.00",
-        "+5",
-        "0",
-        "1000000.01",
-        "1,000",
-    ] {
+    for bad in ["-1.00", "1.234", "1e3", "", " 1.00", "+5", "0", "1000000.01", "1,000"] {
         let status = assert_refused(
             gw.settle(&key, settle_request("bad", "P1", bad)).await,
             Code::InvalidArgument,
             "INVALID_AMOUNT",
         );
-        assert!(
-            status.message().starts_with("amount:"),
-            "{bad:?}: {}",
-            status.message()
-        );
-        let field = tonic_types::StatusExt::get_error_details(&status)
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field
-            .clone();
+        assert!(status.message().starts_with("amount:"), "{bad:?}: {}", status.message());
+        let field =
+            tonic_types::StatusExt::get_error_details(&status).bad_request().unwrap().field_violations[0].field.clone();
         assert_eq!(field, "amount");
     }
-    let no_channel = pb::SettleRequest {
-        channel: 0,
-        ..settle_request("bad", "P1", "1.00")
-    };
-    assert!(assert_refused(
-        gw.settle(&key, no_channel).await,
-        Code::InvalidArgument,
-        "INVALID_ARGUMENT"
-    )
-    .message()
-    .starts_with("channel"));
-    let no_mode = pb::SettleRequest {
-        mode: 0,
-        ..settle_request("bad", "P1", "1.00")
-    };
-    assert!(assert_refused(
-        gw.settle(&key, no_mode).await,
-        Code::InvalidArgument,
-        "INVALID_ARGUMENT"
-    )
-    .message()
-    .starts_with("mode"));
+    let no_channel = pb::SettleRequest { channel: 0, ..settle_request("bad", "P1", "1.00") };
+    assert!(assert_refused(gw.settle(&key, no_channel).await, Code::InvalidArgument, "INVALID_ARGUMENT")
+        .message()
+        .starts_with("channel"));
+    let no_mode = pb::SettleRequest { mode: 0, ..settle_request("bad", "P1", "1.00") };
+    assert!(assert_refused(gw.settle(&key, no_mode).await, Code::InvalidArgument, "INVALID_ARGUMENT")
+        .message()
+        .starts_with("mode"));
     let long_id = settle_request(&"x".repeat(65), "P1", "1.00");
-    assert!(assert_refused(
-        gw.settle(&key, long_id).await,
-        Code::InvalidArgument,
-        "INVALID_ARGUMENT"
-    )
-    .message()
-    .starts_with("request_id"));
-    assert_refused(
-        gw.settle(&key, settle_request("u", "NOBODY", "1.00")).await,
-        Code::NotFound,
-        "UNKNOWN_PERSON",
-    );
+    assert!(assert_refused(gw.settle(&key, long_id).await, Code::InvalidArgument, "INVALID_ARGUMENT")
+        .message()
+        .starts_with("request_id"));
+    assert_refused(gw.settle(&key, settle_request("u", "NOBODY", "1.00")).await, Code::NotFound, "UNKNOWN_PERSON");
     assert_eq!(gw.balance_of("P1").await, "50.00");
     let adjust = pb::AdjustRequest {
         request_id: "adj".into(),
@@ -1303,11 +755,7 @@ async fn malformed_input_is_refused_with_the_field_named_and_changes_nothing(bac
         reason: "correction".into(),
         value_date: "2999-01-01".into(),
     };
-    assert_refused(
-        gw.admin().adjust(auth(future, OPERATOR_KEY)).await,
-        Code::InvalidArgument,
-        "INVALID_ARGUMENT",
-    );
+    assert_refused(gw.admin().adjust(auth(future, OPERATOR_KEY)).await, Code::InvalidArgument, "INVALID_ARGUMENT");
     assert_eq!(gw.balance("P1").await, ("50.00".into(), "50.00".into()));
 }
 
@@ -1315,74 +763,40 @@ async fn callers_need_a_key_with_the_right_role(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     let institution = gw.hospital().await;
     gw.employee("P1", "50.00").await;
-    let no_key = gw
-        .settlement()
-        .settle(tonic::Request::new(settle_request("a", "P1", "1.00")))
-        .await;
+    let no_key = gw.settlement().settle(tonic::Request::new(settle_request("a", "P1", "1.00"))).await;
     assert_refused(no_key, Code::Unauthenticated, "UNAUTHENTICATED");
     assert_refused(
-        gw.settle("yb_not-a-key", settle_request("a", "P1", "1.00"))
-            .await,
+        gw.settle("yb_not-a-key", settle_request("a", "P1", "1.00")).await,
         Code::Unauthenticated,
         "UNAUTHENTICATED",
     );
-    let service = pb::IssueApiKeyRequest {
-        role: pb::Role::Service as i32,
-        label: "public service platform".into(),
-    };
-    let service = gw
-        .admin()
-        .issue_api_key(auth(service, OPERATOR_KEY))
-        .await
-        .unwrap()
-        .into_inner()
-        .api_key;
+    let service = pb::IssueApiKeyRequest { role: pb::Role::Service as i32, label: "public service platform".into() };
+    let service = gw.admin().issue_api_key(auth(service, OPERATOR_KEY)).await.unwrap().into_inner().api_key;
     assert_refused(
         gw.settle(&service, settle_request("a", "P1", "1.00")).await,
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
-    let admin_by_institution = pb::FreezeAccountRequest {
-        psn_no: "P1".into(),
-        reason: String::new(),
-    };
+    let admin_by_institution = pb::FreezeAccountRequest { psn_no: "P1".into(), reason: String::new() };
     assert_refused(
-        gw.admin()
-            .freeze_account(auth(admin_by_institution, &institution))
-            .await,
+        gw.admin().freeze_account(auth(admin_by_institution, &institution)).await,
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
-    let entries_by_institution = pb::ListEntriesRequest {
-        psn_no: "P1".into(),
-        ..Default::default()
-    };
+    let entries_by_institution = pb::ListEntriesRequest { psn_no: "P1".into(), ..Default::default() };
     assert_refused(
-        gw.account()
-            .list_entries(auth(entries_by_institution, &institution))
-            .await,
+        gw.account().list_entries(auth(entries_by_institution, &institution)).await,
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
     // The service platform may manage accounts; an institution may look up a balance.
     gw.account()
-        .set_pin(auth(
-            pb::SetPinRequest {
-                psn_no: "P1".into(),
-                new_pin: "284617".into(),
-            },
-            &service,
-        ))
+        .set_pin(auth(pb::SetPinRequest { psn_no: "P1".into(), new_pin: "284617".into() }, &service))
         .await
         .unwrap();
     let balance = gw
         .account()
-        .get_balance(auth(
-            pb::GetBalanceRequest {
-                psn_no: "P1".into(),
-            },
-            &institution,
-        ))
+        .get_balance(auth(pb::GetBalanceRequest { psn_no: "P1".into() }, &institution))
         .await
         .unwrap()
         .into_inner();
@@ -1395,18 +809,9 @@ async fn entries_show_every_change_with_paging(backend: Backend) {
     gw.employee("P1", "10.00").await;
     gw.employee("SPOUSE", "100.00").await;
     gw.family("P1", "SPOUSE", pb::Relation::Spouse).await;
-    let paid = gw
-        .settle(&key, settle_request("e1", "P1", "3.00"))
-        .await
-        .unwrap();
-    gw.settle(&key, settle_request("e2", "SPOUSE", "102.00"))
-        .await
-        .unwrap();
-    let refund = pb::RefundRequest {
-        request_id: "e3".into(),
-        setl_id: paid.setl_id.clone(),
-        amount: "1.00".into(),
-    };
+    let paid = gw.settle(&key, settle_request("e1", "P1", "3.00")).await.unwrap();
+    gw.settle(&key, settle_request("e2", "SPOUSE", "102.00")).await.unwrap();
+    let refund = pb::RefundRequest { request_id: "e3".into(), setl_id: paid.setl_id.clone(), amount: "1.00".into() };
     gw.settlement().refund(auth(refund, &key)).await.unwrap();
 
     let mut all = Vec::new();
@@ -1418,12 +823,7 @@ async fn entries_show_every_change_with_paging(backend: Backend) {
             page_token: token.clone(),
             ..Default::default()
         };
-        let page = gw
-            .account()
-            .list_entries(auth(request, OPERATOR_KEY))
-            .await
-            .unwrap()
-            .into_inner();
+        let page = gw.account().list_entries(auth(request, OPERATOR_KEY)).await.unwrap().into_inner();
         assert!(page.entries.len() <= 2);
         all.extend(page.entries);
         if page.next_page_token.is_empty() {
@@ -1458,48 +858,26 @@ async fn entries_show_every_change_with_paging(backend: Backend) {
         to_date: "2000-12-31".into(),
         ..Default::default()
     };
-    assert!(gw
-        .account()
-        .list_entries(auth(filtered, OPERATOR_KEY))
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .is_empty());
+    assert!(gw.account().list_entries(auth(filtered, OPERATOR_KEY)).await.unwrap().into_inner().entries.is_empty());
     let bad = pb::ListEntriesRequest {
         psn_no: "P1".into(),
         from_date: today.clone(),
         to_date: "2000-01-01".into(),
         ..Default::default()
     };
-    assert_refused(
-        gw.account().list_entries(auth(bad, OPERATOR_KEY)).await,
-        Code::InvalidArgument,
-        "INVALID_ARGUMENT",
-    );
+    assert_refused(gw.account().list_entries(auth(bad, OPERATOR_KEY)).await, Code::InvalidArgument, "INVALID_ARGUMENT");
 }
 
 async fn settled_money_survives_a_restart_and_the_cache_reloads(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     let key = gw.hospital().await;
     gw.employee("P1", "100.00").await;
-    gw.settle(&key, settle_request("r1", "P1", "30.00"))
-        .await
-        .unwrap();
+    gw.settle(&key, settle_request("r1", "P1", "30.00")).await.unwrap();
     let gw = gw.restart().await;
     assert_eq!(gw.balance("P1").await, ("70.00".into(), "70.00".into()));
-    let again = gw
-        .settle(&key, settle_request("r1", "P1", "30.00"))
-        .await
-        .unwrap();
+    let again = gw.settle(&key, settle_request("r1", "P1", "30.00")).await.unwrap();
     assert_eq!(again.balc, "70.00", "the replay answers as first answered");
-    let paid = gw
-        .settle(&key, settle_request("r2", "P1", "80.00"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (paid.acct_pay.as_str(), paid.psn_cash_pay.as_str()),
-        ("70.00", "10.00")
-    );
+    let paid = gw.settle(&key, settle_request("r2", "P1", "80.00")).await.unwrap();
+    assert_eq!((paid.acct_pay.as_str(), paid.psn_cash_pay.as_str()), ("70.00", "10.00"));
     gw.assert_books_balance().await;
 }

@@ -23,31 +23,32 @@ impl Entry {
     }
 }
 
+/// Request ids remembered at most; beyond it the memory starts over (a miss is always safe).
+const REQUESTS_MAX: usize = 100_000;
+
 pub struct MemoryCache {
     shards: Vec<Mutex<HashMap<AccountId, Entry>>>,
+    /// (institution code, request id) → setl_id.
+    requests: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Default for MemoryCache {
     fn default() -> Self {
         MemoryCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            requests: Mutex::new(HashMap::new()),
         }
     }
 }
 
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl MemoryCache {
     fn shard(&self, account_id: AccountId) -> std::sync::MutexGuard<'_, HashMap<AccountId, Entry>> {
         let index = (account_id as u64 % SHARDS as u64) as usize;
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -59,20 +60,12 @@ impl BalanceCache for MemoryCache {
 
     async fn get(&self, account_id: AccountId) -> CacheResult<Option<CachedBalance>> {
         let shard = self.shard(account_id);
-        Ok(shard.get(&account_id).map(|e| CachedBalance {
-            balance: e.balance,
-            held: e.held(),
-            seq: e.seq,
-        }))
+        Ok(shard.get(&account_id).map(|e| CachedBalance { balance: e.balance, held: e.held(), seq: e.seq }))
     }
 
     async fn load(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<()> {
         let mut shard = self.shard(account_id);
-        let entry = shard.entry(account_id).or_insert_with(|| Entry {
-            balance,
-            seq,
-            holds: HashMap::new(),
-        });
+        let entry = shard.entry(account_id).or_insert_with(|| Entry { balance, seq, holds: HashMap::new() });
         if seq > entry.seq {
             entry.balance = balance;
             entry.seq = seq;
@@ -80,13 +73,7 @@ impl BalanceCache for MemoryCache {
         Ok(())
     }
 
-    async fn reserve(
-        &self,
-        account_id: AccountId,
-        hold_id: &str,
-        want: Money,
-        lease_ms: u64,
-    ) -> CacheResult<Reserve> {
+    async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
         let mut shard = self.shard(account_id);
         let Some(entry) = shard.get_mut(&account_id) else {
             return Ok(Reserve::NotLoaded);
@@ -97,9 +84,7 @@ impl BalanceCache for MemoryCache {
         let available = entry.balance.saturating_sub(entry.held());
         let take = want.min(available);
         if !take.is_zero() {
-            entry
-                .holds
-                .insert(hold_id.to_string(), (take, unix_ms() + lease_ms));
+            entry.holds.insert(hold_id.to_string(), (take, unix_ms() + lease_ms));
         }
         Ok(Reserve::Held(take))
     }
@@ -130,12 +115,7 @@ impl BalanceCache for MemoryCache {
         Ok(())
     }
 
-    async fn apply(
-        &self,
-        account_id: AccountId,
-        balance_after: Money,
-        seq: i64,
-    ) -> CacheResult<()> {
+    async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()> {
         let mut shard = self.shard(account_id);
         if let Some(entry) = shard.get_mut(&account_id) {
             if seq > entry.seq {
@@ -146,6 +126,20 @@ impl BalanceCache for MemoryCache {
         Ok(())
     }
 
+    async fn recall_request(&self, institution_code: &str, request_id: &str) -> CacheResult<Option<String>> {
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(requests.get(&(institution_code.to_string(), request_id.to_string())).cloned())
+    }
+
+    async fn remember_request(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if requests.len() >= REQUESTS_MAX {
+            requests.clear();
+        }
+        requests.insert((institution_code.to_string(), request_id.to_string()), setl_id.to_string());
+        Ok(())
+    }
+
     async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>> {
         let mut expired = Vec::new();
         for shard in &self.shards {
@@ -153,10 +147,7 @@ impl BalanceCache for MemoryCache {
             for (account_id, entry) in shard.iter() {
                 for (hold_id, (_, lease_end)) in &entry.holds {
                     if *lease_end < now_ms {
-                        expired.push(ExpiredHold {
-                            account_id: *account_id,
-                            hold_id: hold_id.clone(),
-                        });
+                        expired.push(ExpiredHold { account_id: *account_id, hold_id: hold_id.clone() });
                         if expired.len() >= limit {
                             return Ok(expired);
                         }
@@ -179,33 +170,18 @@ mod tests {
     #[tokio::test]
     async fn holds_never_overstate() {
         let cache = MemoryCache::default();
-        assert_eq!(
-            cache.reserve(1, "h1", yuan("10"), 1000).await.unwrap(),
-            Reserve::NotLoaded
-        );
+        assert_eq!(cache.reserve(1, "h1", yuan("10"), 1000).await.unwrap(), Reserve::NotLoaded);
         cache.load(1, yuan("50"), 3).await.unwrap();
-        assert_eq!(
-            cache.reserve(1, "h1", yuan("30"), 1000).await.unwrap(),
-            Reserve::Held(yuan("30"))
-        );
-        assert_eq!(
-            cache.reserve(1, "h2", yuan("30"), 1000).await.unwrap(),
-            Reserve::Held(yuan("20"))
-        );
-        assert_eq!(
-            cache.reserve(1, "h3", yuan("1"), 1000).await.unwrap(),
-            Reserve::Held(Money::ZERO)
-        );
+        assert_eq!(cache.reserve(1, "h1", yuan("30"), 1000).await.unwrap(), Reserve::Held(yuan("30")));
+        assert_eq!(cache.reserve(1, "h2", yuan("30"), 1000).await.unwrap(), Reserve::Held(yuan("20")));
+        assert_eq!(cache.reserve(1, "h3", yuan("1"), 1000).await.unwrap(), Reserve::Held(Money::ZERO));
         // An older ledger state never replaces a newer one.
         cache.load(1, yuan("999"), 2).await.unwrap();
         assert_eq!(cache.get(1).await.unwrap().unwrap().balance, yuan("50"));
         cache.commit_hold(1, "h1", yuan("20"), 4).await.unwrap();
         cache.release_hold(1, "h2").await.unwrap();
         let now = cache.get(1).await.unwrap().unwrap();
-        assert_eq!(
-            (now.balance, now.held, now.available()),
-            (yuan("20"), Money::ZERO, yuan("20"))
-        );
+        assert_eq!((now.balance, now.held, now.available()), (yuan("20"), Money::ZERO, yuan("20")));
     }
 
     #[tokio::test]
@@ -215,12 +191,6 @@ mod tests {
         cache.reserve(7, "old", yuan("1"), 0).await.unwrap();
         cache.reserve(7, "new", yuan("1"), 60_000).await.unwrap();
         let expired = cache.expired_holds(unix_ms() + 1, 10).await.unwrap();
-        assert_eq!(
-            expired,
-            vec![ExpiredHold {
-                account_id: 7,
-                hold_id: "old".into()
-            }]
-        );
+        assert_eq!(expired, vec![ExpiredHold { account_id: 7, hold_id: "old".into() }]);
     }
 }

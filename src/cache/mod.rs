@@ -62,13 +62,7 @@ pub trait BalanceCache: Send + Sync + 'static {
     /// Installs a ledger balance unless the cache already has one as new or newer.
     async fn load(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<()>;
     /// Holds up to `want` of what is available, under `hold_id`, for `lease_ms`.
-    async fn reserve(
-        &self,
-        account_id: AccountId,
-        hold_id: &str,
-        want: Money,
-        lease_ms: u64,
-    ) -> CacheResult<Reserve>;
+    async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve>;
     /// The ledger committed the debit: drop the hold and take the ledger's balance (if newer).
     async fn commit_hold(
         &self,
@@ -81,8 +75,11 @@ pub trait BalanceCache: Send + Sync + 'static {
     async fn release_hold(&self, account_id: AccountId, hold_id: &str) -> CacheResult<()>;
     /// A committed change without a hold (credits, refunds): take the balance if the account is
     /// cached and the sequence is newer; otherwise nothing (the next load reads the ledger).
-    async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64)
-        -> CacheResult<()>;
+    async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()>;
+    /// The idempotency fast path: the settlement a request id settled, if the cache remembers it.
+    /// A miss proves nothing (the ledger's unique key is the truth).
+    async fn recall_request(&self, institution_code: &str, request_id: &str) -> CacheResult<Option<String>>;
+    async fn remember_request(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()>;
     /// Holds whose lease ended before `now_ms` (Unix milliseconds), at most `limit`.
     async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>>;
 }

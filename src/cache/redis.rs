@@ -14,6 +14,9 @@ use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use std::future::Future;
 use std::time::Duration;
 
+/// How long a settled request id is remembered for the replay fast path (terminals retry within
+/// minutes; the ledger answers older replays).
+const REQUEST_TTL_SECONDS: u64 = 48 * 3600;
 /// Every Redis call must finish within this; the settlement path fails closed after it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -80,11 +83,7 @@ async fn deadline<T>(work: impl Future<Output = ::redis::RedisResult<T>>) -> Cac
 impl RedisCache {
     /// `redis://host:port/db` for one server; several comma-separated URLs for a cluster.
     pub async fn connect(url: &str, prefix: &str) -> CacheResult<RedisCache> {
-        let urls: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect();
+        let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
         let connection = if urls.len() > 1 {
             let client = ::redis::cluster::ClusterClient::builder(urls.clone())
                 .connection_timeout(Duration::from_secs(2))
@@ -97,9 +96,7 @@ impl RedisCache {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_response_timeout(Some(CALL_TIMEOUT));
-            RedisConnection::Single(
-                deadline(ConnectionManager::new_with_config(client, config)).await?,
-            )
+            RedisConnection::Single(deadline(ConnectionManager::new_with_config(client, config)).await?)
         };
         Ok(RedisCache {
             connection,
@@ -121,6 +118,11 @@ impl RedisCache {
         format!("{}{{a:{account_id}}}:h", self.prefix)
     }
 
+    fn request_key(&self, institution_code: &str, request_id: &str) -> String {
+        // Length-prefixed so that no (code, id) pair can collide with another.
+        format!("{}r:{}:{institution_code}:{request_id}", self.prefix, institution_code.len())
+    }
+
     fn lease_index_key(&self) -> String {
         format!("{}holds", self.prefix)
     }
@@ -129,23 +131,14 @@ impl RedisCache {
         format!("{account_id}|{hold_id}")
     }
 
-    async fn finish(
-        &self,
-        account_id: AccountId,
-        hold_id: &str,
-        balance: Option<(Money, i64)>,
-    ) -> CacheResult<()> {
+    async fn finish(&self, account_id: AccountId, hold_id: &str, balance: Option<(Money, i64)>) -> CacheResult<()> {
         let mut conn = self.connection.clone();
         let (balance_fen, seq) = match balance {
             Some((balance, seq)) => (balance.to_fen().to_string(), seq.to_string()),
             None => (String::new(), String::new()),
         };
         let mut invocation = self.scripts.finish.key(self.account_key(account_id));
-        invocation
-            .key(self.holds_key(account_id))
-            .arg(hold_id)
-            .arg(balance_fen)
-            .arg(seq);
+        invocation.key(self.holds_key(account_id)).arg(hold_id).arg(balance_fen).arg(seq);
         let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
         // The index entry goes last: a hold is never unindexed while it exists.
         let _: i64 = deadline(
@@ -174,20 +167,13 @@ impl BalanceCache for RedisCache {
     async fn get(&self, account_id: AccountId) -> CacheResult<Option<CachedBalance>> {
         let mut conn = self.connection.clone();
         let (balance, held, seq): (Option<i64>, Option<i64>, Option<i64>) = deadline(
-            ::redis::cmd("HMGET")
-                .arg(self.account_key(account_id))
-                .arg("b")
-                .arg("h")
-                .arg("s")
-                .query_async(&mut conn),
+            ::redis::cmd("HMGET").arg(self.account_key(account_id)).arg("b").arg("h").arg("s").query_async(&mut conn),
         )
         .await?;
         Ok(match (balance, seq) {
-            (Some(balance), Some(seq)) => Some(CachedBalance {
-                balance: Money::from_fen(balance),
-                held: fen(held),
-                seq,
-            }),
+            (Some(balance), Some(seq)) => {
+                Some(CachedBalance { balance: Money::from_fen(balance), held: fen(held), seq })
+            }
             _ => None,
         })
     }
@@ -200,13 +186,7 @@ impl BalanceCache for RedisCache {
         Ok(())
     }
 
-    async fn reserve(
-        &self,
-        account_id: AccountId,
-        hold_id: &str,
-        want: Money,
-        lease_ms: u64,
-    ) -> CacheResult<Reserve> {
+    async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
         let mut conn = self.connection.clone();
         // Index first: a hold that exists is always findable by the sweeper.
         let lease_end = memory::unix_ms() + lease_ms;
@@ -219,10 +199,7 @@ impl BalanceCache for RedisCache {
         )
         .await?;
         let mut invocation = self.scripts.reserve.key(self.account_key(account_id));
-        invocation
-            .key(self.holds_key(account_id))
-            .arg(hold_id)
-            .arg(want.to_fen());
+        invocation.key(self.holds_key(account_id)).arg(hold_id).arg(want.to_fen());
         let held: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
         if held <= 0 {
             let _: i64 = deadline(
@@ -233,11 +210,7 @@ impl BalanceCache for RedisCache {
             )
             .await?;
         }
-        Ok(if held < 0 {
-            Reserve::NotLoaded
-        } else {
-            Reserve::Held(Money::from_fen(held))
-        })
+        Ok(if held < 0 { Reserve::NotLoaded } else { Reserve::Held(Money::from_fen(held)) })
     }
 
     async fn commit_hold(
@@ -247,24 +220,37 @@ impl BalanceCache for RedisCache {
         balance_after: Money,
         seq: i64,
     ) -> CacheResult<()> {
-        self.finish(account_id, hold_id, Some((balance_after, seq)))
-            .await
+        self.finish(account_id, hold_id, Some((balance_after, seq))).await
     }
 
     async fn release_hold(&self, account_id: AccountId, hold_id: &str) -> CacheResult<()> {
         self.finish(account_id, hold_id, None).await
     }
 
-    async fn apply(
-        &self,
-        account_id: AccountId,
-        balance_after: Money,
-        seq: i64,
-    ) -> CacheResult<()> {
+    async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()> {
         let mut conn = self.connection.clone();
         let mut invocation = self.scripts.apply.key(self.account_key(account_id));
         invocation.arg(balance_after.to_fen()).arg(seq);
         let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn recall_request(&self, institution_code: &str, request_id: &str) -> CacheResult<Option<String>> {
+        let mut conn = self.connection.clone();
+        deadline(::redis::cmd("GET").arg(self.request_key(institution_code, request_id)).query_async(&mut conn)).await
+    }
+
+    async fn remember_request(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
+        let mut conn = self.connection.clone();
+        let _: () = deadline(
+            ::redis::cmd("SET")
+                .arg(self.request_key(institution_code, request_id))
+                .arg(setl_id)
+                .arg("EX")
+                .arg(REQUEST_TTL_SECONDS)
+                .query_async(&mut conn),
+        )
+        .await?;
         Ok(())
     }
 
@@ -285,10 +271,7 @@ impl BalanceCache for RedisCache {
             .into_iter()
             .filter_map(|member| {
                 let (account, hold) = member.split_once('|')?;
-                Some(ExpiredHold {
-                    account_id: account.parse().ok()?,
-                    hold_id: hold.to_string(),
-                })
+                Some(ExpiredHold { account_id: account.parse().ok()?, hold_id: hold.to_string() })
             })
             .collect())
     }

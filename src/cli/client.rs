@@ -10,12 +10,7 @@ use tonic::Request;
 #[derive(Debug, Args)]
 pub struct Connection {
     /// The gateway's address.
-    #[arg(
-        long,
-        env = "YIBAO_SERVER",
-        default_value = "http://127.0.0.1:50051",
-        global = true
-    )]
+    #[arg(long, env = "YIBAO_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
     server: String,
     /// Your API key (institution, service or operator).
     #[arg(long, env = "YIBAO_API_KEY", global = true, hide_env_values = true)]
@@ -386,10 +381,7 @@ impl Client {
             .connect()
             .await
             .map_err(|e| format!("cannot reach {}: {e}", connection.server))?;
-        Ok(Client {
-            channel,
-            key: connection.key.clone(),
-        })
+        Ok(Client { channel, key: connection.key.clone() })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -431,15 +423,11 @@ fn connection_of(command: &ClientCommand) -> &Connection {
             | FamilyCommand::Revoke { connection, .. }
             | FamilyCommand::Order { connection, .. },
         ) => connection,
-        ClientCommand::Pin(
-            PinCommand::Set { connection, .. } | PinCommand::Change { connection, .. },
-        ) => connection,
-        ClientCommand::Tier(
-            TierCommand::List { connection, .. } | TierCommand::Set { connection, .. },
-        ) => connection,
-        ClientCommand::Card(
-            CardCommand::Lost { connection, .. } | CardCommand::Restore { connection, .. },
-        ) => connection,
+        ClientCommand::Pin(PinCommand::Set { connection, .. } | PinCommand::Change { connection, .. }) => connection,
+        ClientCommand::Tier(TierCommand::List { connection, .. } | TierCommand::Set { connection, .. }) => connection,
+        ClientCommand::Card(CardCommand::Lost { connection, .. } | CardCommand::Restore { connection, .. }) => {
+            connection
+        }
         ClientCommand::Admin(
             AdminCommand::Person { connection, .. }
             | AdminCommand::Institution { connection, .. }
@@ -504,35 +492,20 @@ async fn call(client: &Client, command: ClientCommand) -> CallResult {
                 beneficiary_psn_no: args.beneficiary_psn_no,
             };
             let answer = if args.dry_run {
-                client
-                    .settlement()
-                    .pre_settle(client.request(request))
-                    .await?
+                client.settlement().pre_settle(client.request(request)).await?
             } else {
                 client.settlement().settle(client.request(request)).await?
             };
             print_settlement(answer.get_ref());
         }
-        ClientCommand::Refund {
-            setl_id,
-            amount,
-            request_id,
-            ..
-        } => {
+        ClientCommand::Refund { setl_id, amount, request_id, .. } => {
             let request = pb::RefundRequest {
                 request_id: request_id.unwrap_or_else(|| fresh_request_id("cli-refund")),
                 setl_id,
                 amount: amount.unwrap_or_default(),
             };
-            let refund = client
-                .settlement()
-                .refund(client.request(request))
-                .await?
-                .into_inner();
-            println!(
-                "refund      {}  of {}  amount {}",
-                refund.refund_id, refund.setl_id, refund.amount
-            );
+            let refund = client.settlement().refund(client.request(request)).await?.into_inner();
+            println!("refund      {}  of {}  amount {}", refund.refund_id, refund.setl_id, refund.amount);
             for credit in &refund.credits {
                 println!(
                     "  back to   {}{}  {}",
@@ -548,49 +521,25 @@ async fn call(client: &Client, command: ClientCommand) -> CallResult {
                 refund.refundable_amount
             );
         }
-        ClientCommand::Reverse {
-            original_request_id,
-            ..
-        } => {
-            let answer = client
-                .settlement()
-                .reverse(client.request(pb::ReverseRequest {
-                    original_request_id,
-                }))
-                .await?;
+        ClientCommand::Reverse { original_request_id, .. } => {
+            let answer =
+                client.settlement().reverse(client.request(pb::ReverseRequest { original_request_id })).await?;
             print_settlement(answer.get_ref());
         }
-        ClientCommand::Settlement {
-            setl_id,
-            request_id,
-            ..
-        } => {
+        ClientCommand::Settlement { setl_id, request_id, .. } => {
             let key = match (setl_id, request_id) {
                 (Some(id), _) => Some(pb::get_settlement_request::Key::SetlId(id)),
                 (None, Some(id)) => Some(pb::get_settlement_request::Key::RequestId(id)),
                 (None, None) => None,
             };
-            let answer = client
-                .settlement()
-                .get_settlement(client.request(pb::GetSettlementRequest { key }))
-                .await?;
+            let answer = client.settlement().get_settlement(client.request(pb::GetSettlementRequest { key })).await?;
             print_settlement(answer.get_ref());
         }
         ClientCommand::Balance { psn_no, .. } => {
-            let balance = client
-                .account()
-                .get_balance(client.request(pb::GetBalanceRequest { psn_no }))
-                .await?;
+            let balance = client.account().get_balance(client.request(pb::GetBalanceRequest { psn_no })).await?;
             print_balance(balance.get_ref());
         }
-        ClientCommand::Entries {
-            psn_no,
-            from,
-            to,
-            page_size,
-            page_token,
-            ..
-        } => {
+        ClientCommand::Entries { psn_no, from, to, page_size, page_token, .. } => {
             let request = pb::ListEntriesRequest {
                 psn_no,
                 from_date: from.unwrap_or_default(),
@@ -598,11 +547,7 @@ async fn call(client: &Client, command: ClientCommand) -> CallResult {
                 page_size,
                 page_token: page_token.unwrap_or_default(),
             };
-            let page = client
-                .account()
-                .list_entries(client.request(request))
-                .await?
-                .into_inner();
+            let page = client.account().list_entries(client.request(request)).await?.into_inner();
             println!(
                 "{:>8}  {:<19}  {:<18}  {:>10}  {:>10}  {:<10}  counterparty / settlement",
                 "entry", "at (UTC)", "kind", "amount", "balance", "value date"
@@ -636,29 +581,12 @@ async fn call(client: &Client, command: ClientCommand) -> CallResult {
             }
         }
         ClientCommand::Family(command) => family(client, command).await?,
-        ClientCommand::Pin(PinCommand::Set {
-            psn_no, new_pin, ..
-        }) => {
-            client
-                .account()
-                .set_pin(client.request(pb::SetPinRequest { psn_no, new_pin }))
-                .await?;
+        ClientCommand::Pin(PinCommand::Set { psn_no, new_pin, .. }) => {
+            client.account().set_pin(client.request(pb::SetPinRequest { psn_no, new_pin })).await?;
             println!("PIN set");
         }
-        ClientCommand::Pin(PinCommand::Change {
-            psn_no,
-            current_pin,
-            new_pin,
-            ..
-        }) => {
-            client
-                .account()
-                .change_pin(client.request(pb::ChangePinRequest {
-                    psn_no,
-                    current_pin,
-                    new_pin,
-                }))
-                .await?;
+        ClientCommand::Pin(PinCommand::Change { psn_no, current_pin, new_pin, .. }) => {
+            client.account().change_pin(client.request(pb::ChangePinRequest { psn_no, current_pin, new_pin })).await?;
             println!("PIN changed");
         }
         ClientCommand::Tier(TierCommand::List { psn_no, .. }) => {
@@ -669,34 +597,22 @@ async fn call(client: &Client, command: ClientCommand) -> CallResult {
                 .into_inner();
             println!("{:<8} {:>14} {:>10}", "tier", "per payment", "per day");
             for tier in &tiers.tiers {
-                println!(
-                    "{:<8} {:>14} {:>10}",
-                    tier.name, tier.per_payment_max, tier.daily_max
-                );
+                println!("{:<8} {:>14} {:>10}", tier.name, tier.per_payment_max, tier.daily_max);
             }
             println!("current: {}", tiers.current);
         }
-        ClientCommand::Tier(TierCommand::Set {
-            psn_no, tier, pin, ..
-        }) => {
-            let balance = client
-                .account()
-                .set_no_pin_tier(client.request(pb::SetNoPinTierRequest { psn_no, pin, tier }))
-                .await?;
+        ClientCommand::Tier(TierCommand::Set { psn_no, tier, pin, .. }) => {
+            let balance =
+                client.account().set_no_pin_tier(client.request(pb::SetNoPinTierRequest { psn_no, pin, tier })).await?;
             print_balance(balance.get_ref());
         }
         ClientCommand::Card(CardCommand::Lost { psn_no, .. }) => {
-            let balance = client
-                .account()
-                .report_card_loss(client.request(pb::ReportCardLossRequest { psn_no }))
-                .await?;
+            let balance =
+                client.account().report_card_loss(client.request(pb::ReportCardLossRequest { psn_no })).await?;
             print_balance(balance.get_ref());
         }
         ClientCommand::Card(CardCommand::Restore { psn_no, pin, .. }) => {
-            let balance = client
-                .account()
-                .restore_card(client.request(pb::RestoreCardRequest { psn_no, pin }))
-                .await?;
+            let balance = client.account().restore_card(client.request(pb::RestoreCardRequest { psn_no, pin })).await?;
             print_balance(balance.get_ref());
         }
         ClientCommand::Admin(command) => admin(client, command).await?,
@@ -715,57 +631,29 @@ async fn family(client: &Client, command: FamilyCommand) -> CallResult {
     };
     match command {
         FamilyCommand::List { psn_no, .. } => {
-            let family = client
-                .account()
-                .list_family(client.request(pb::ListFamilyRequest { psn_no }))
-                .await?;
+            let family = client.account().list_family(client.request(pb::ListFamilyRequest { psn_no })).await?;
             print_family(family.get_ref());
         }
-        FamilyCommand::Register {
-            owner,
-            member,
-            relation: arg,
-            ..
-        } => {
+        FamilyCommand::Register { owner, member, relation: arg, .. } => {
             let request = pb::RegisterFamilyMemberRequest {
                 owner_psn_no: owner,
                 member_psn_no: member,
                 relation: relation(arg) as i32,
             };
-            let link = client
-                .account()
-                .register_family_member(client.request(request))
-                .await?
-                .into_inner();
+            let link = client.account().register_family_member(client.request(request)).await?.into_inner();
             println!(
                 "registered {} on {}'s account, usable from {}",
                 link.member_psn_no, link.owner_psn_no, link.effective_from
             );
         }
         FamilyCommand::Revoke { owner, member, .. } => {
-            let request = pb::RevokeFamilyMemberRequest {
-                owner_psn_no: owner,
-                member_psn_no: member,
-            };
-            let link = client
-                .account()
-                .revoke_family_member(client.request(request))
-                .await?
-                .into_inner();
-            println!(
-                "revoked {} on {}'s account",
-                link.member_psn_no, link.owner_psn_no
-            );
+            let request = pb::RevokeFamilyMemberRequest { owner_psn_no: owner, member_psn_no: member };
+            let link = client.account().revoke_family_member(client.request(request)).await?.into_inner();
+            println!("revoked {} on {}'s account", link.member_psn_no, link.owner_psn_no);
         }
         FamilyCommand::Order { member, owners, .. } => {
-            let request = pb::SetDeductionOrderRequest {
-                member_psn_no: member,
-                owner_psn_nos: owners,
-            };
-            let family = client
-                .account()
-                .set_deduction_order(client.request(request))
-                .await?;
+            let request = pb::SetDeductionOrderRequest { member_psn_no: member, owner_psn_nos: owners };
+            let family = client.account().set_deduction_order(client.request(request)).await?;
             print_family(family.get_ref());
         }
     }
@@ -774,15 +662,7 @@ async fn family(client: &Client, command: FamilyCommand) -> CallResult {
 
 async fn admin(client: &Client, command: AdminCommand) -> CallResult {
     match command {
-        AdminCommand::Person {
-            psn_no,
-            name,
-            birth_date,
-            region,
-            category,
-            status,
-            ..
-        } => {
+        AdminCommand::Person { psn_no, name, birth_date, region, category, status, .. } => {
             let request = pb::UpsertPersonRequest {
                 psn_no,
                 name,
@@ -801,40 +681,18 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
                     StatusArg::Terminated => pb::InsuranceStatus::Terminated,
                 } as i32,
             };
-            let person = client
-                .admin()
-                .upsert_person(client.request(request))
-                .await?
-                .into_inner();
+            let person = client.admin().upsert_person(client.request(request)).await?.into_inner();
             print_person(&person);
         }
-        AdminCommand::Institution {
-            code,
-            name,
-            kind,
-            region,
-            ..
-        } => {
+        AdminCommand::Institution { code, name, kind, region, .. } => {
             let kind = match kind {
                 KindArg::Hospital => pb::InstitutionKind::Hospital,
                 KindArg::Pharmacy => pb::InstitutionKind::Pharmacy,
                 KindArg::CrossRegionPlatform => pb::InstitutionKind::CrossRegionPlatform,
             } as i32;
-            let request = pb::RegisterInstitutionRequest {
-                code,
-                name,
-                kind,
-                region,
-            };
-            let answer = client
-                .admin()
-                .register_institution(client.request(request))
-                .await?
-                .into_inner();
-            println!(
-                "institution {} registered; its API key (shown once): {}",
-                answer.code, answer.api_key
-            );
+            let request = pb::RegisterInstitutionRequest { code, name, kind, region };
+            let answer = client.admin().register_institution(client.request(request)).await?.into_inner();
+            println!("institution {} registered; its API key (shown once): {}", answer.code, answer.api_key);
         }
         AdminCommand::Key { role, label, .. } => {
             let role = match role {
@@ -848,15 +706,7 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
                 .into_inner();
             println!("key {} (shown once): {}", answer.key_id, answer.api_key);
         }
-        AdminCommand::Adjust {
-            psn_no,
-            amount,
-            direction,
-            reason,
-            value_date,
-            request_id,
-            ..
-        } => {
+        AdminCommand::Adjust { psn_no, amount, direction, reason, value_date, request_id, .. } => {
             let direction = match direction.to_ascii_lowercase().as_str() {
                 "credit" => pb::AdjustDirection::Credit,
                 "debit" => pb::AdjustDirection::Debit,
@@ -870,23 +720,11 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
                 reason,
                 value_date,
             };
-            let answer = client
-                .admin()
-                .adjust(client.request(request))
-                .await?
-                .into_inner();
-            println!(
-                "entry {}  {}  {}  balance {}",
-                answer.entry_id, answer.psn_no, answer.amount, answer.balance
-            );
+            let answer = client.admin().adjust(client.request(request)).await?.into_inner();
+            println!("entry {}  {}  {}  balance {}", answer.entry_id, answer.psn_no, answer.amount, answer.balance);
         }
-        AdminCommand::ResetPin {
-            psn_no, new_pin, ..
-        } => {
-            client
-                .admin()
-                .reset_pin(client.request(pb::ResetPinRequest { psn_no, new_pin }))
-                .await?;
+        AdminCommand::ResetPin { psn_no, new_pin, .. } => {
+            client.admin().reset_pin(client.request(pb::ResetPinRequest { psn_no, new_pin })).await?;
             println!("PIN reset; the lock is cleared");
         }
         AdminCommand::Freeze { psn_no, reason, .. } => {
@@ -914,71 +752,30 @@ fn name_of(text: &str, prefix: &str) -> String {
 }
 
 fn print_settlement(s: &pb::Settlement) {
-    let status = name_of(
-        pb::SettlementStatus::try_from(s.status)
-            .unwrap_or_default()
-            .as_str_name(),
-        "SETTLEMENT_STATUS_",
-    );
-    let auth = name_of(
-        pb::AuthMethod::try_from(s.auth_method)
-            .unwrap_or_default()
-            .as_str_name(),
-        "AUTH_METHOD_",
-    );
+    let status =
+        name_of(pb::SettlementStatus::try_from(s.status).unwrap_or_default().as_str_name(), "SETTLEMENT_STATUS_");
+    let auth = name_of(pb::AuthMethod::try_from(s.auth_method).unwrap_or_default().as_str_name(), "AUTH_METHOD_");
     println!(
         "settlement  {}  {status}  (request {})",
-        if s.setl_id.is_empty() {
-            "(plan)"
-        } else {
-            &s.setl_id
-        },
+        if s.setl_id.is_empty() { "(plan)" } else { &s.setl_id },
         s.request_id
     );
     println!("payer       {}  amount {}", s.psn_no, s.amount);
     println!("acct_pay        {:>10}   own account", s.acct_pay);
-    println!(
-        "acct_mulaid_pay {:>10}   family accounts",
-        s.acct_mulaid_pay
-    );
+    println!("acct_mulaid_pay {:>10}   family accounts", s.acct_mulaid_pay);
     println!("psn_cash_pay    {:>10}   cash", s.psn_cash_pay);
     println!("balc            {:>10}   own balance after", s.balc);
     for debit in &s.debits {
-        println!(
-            "  from {}{}  {}",
-            debit.owner_psn_no,
-            if debit.family { " (family)" } else { "" },
-            debit.amount
-        );
+        println!("  from {}{}  {}", debit.owner_psn_no, if debit.family { " (family)" } else { "" }, debit.amount);
     }
-    println!(
-        "auth {auth}{}  refunded {}",
-        if s.pin_required {
-            " (PIN required)"
-        } else {
-            ""
-        },
-        s.refunded_amount
-    );
+    println!("auth {auth}{}  refunded {}", if s.pin_required { " (PIN required)" } else { "" }, s.refunded_amount);
 }
 
 fn print_balance(b: &pb::Balance) {
-    let account = name_of(
-        pb::AccountStatus::try_from(b.account_status)
-            .unwrap_or_default()
-            .as_str_name(),
-        "ACCOUNT_STATUS_",
-    );
-    let card = name_of(
-        pb::CardStatus::try_from(b.card_status)
-            .unwrap_or_default()
-            .as_str_name(),
-        "CARD_STATUS_",
-    );
-    println!(
-        "{}  balance {}  available {}",
-        b.psn_no, b.balance, b.available
-    );
+    let account =
+        name_of(pb::AccountStatus::try_from(b.account_status).unwrap_or_default().as_str_name(), "ACCOUNT_STATUS_");
+    let card = name_of(pb::CardStatus::try_from(b.card_status).unwrap_or_default().as_str_name(), "CARD_STATUS_");
+    println!("{}  balance {}  available {}", b.psn_no, b.balance, b.available);
     println!(
         "account {account}  card {card}  no-PIN tier {}  PIN {}{}",
         b.no_pin_tier,
@@ -988,12 +785,8 @@ fn print_balance(b: &pb::Balance) {
 }
 
 fn print_person(p: &pb::Person) {
-    let account = name_of(
-        pb::AccountStatus::try_from(p.account_status)
-            .unwrap_or_default()
-            .as_str_name(),
-        "ACCOUNT_STATUS_",
-    );
+    let account =
+        name_of(pb::AccountStatus::try_from(p.account_status).unwrap_or_default().as_str_name(), "ACCOUNT_STATUS_");
     println!(
         "{}  {}  born {}  region {}  account {account}  balance {}",
         p.psn_no, p.name, p.birth_date, p.region, p.balance
@@ -1003,39 +796,18 @@ fn print_person(p: &pb::Person) {
 fn print_family(f: &pb::ListFamilyResponse) {
     println!("accounts usable, in deduction order:");
     for (i, account) in f.usable_accounts.iter().enumerate() {
-        let relation = name_of(
-            pb::Relation::try_from(account.relation)
-                .unwrap_or_default()
-                .as_str_name(),
-            "RELATION_",
-        );
-        let who = if account.own {
-            "own".to_string()
-        } else {
-            format!("as {relation}")
-        };
+        let relation = name_of(pb::Relation::try_from(account.relation).unwrap_or_default().as_str_name(), "RELATION_");
+        let who = if account.own { "own".to_string() } else { format!("as {relation}") };
         println!(
             "  {}. {}  {who}{}",
             i + 1,
             account.owner_psn_no,
-            if account.usable_now {
-                ""
-            } else {
-                "  (not usable now)"
-            }
+            if account.usable_now { "" } else { "  (not usable now)" }
         );
     }
     println!("members registered on this account:");
     for member in &f.members {
-        let relation = name_of(
-            pb::Relation::try_from(member.relation)
-                .unwrap_or_default()
-                .as_str_name(),
-            "RELATION_",
-        );
-        println!(
-            "  {}  {relation}  from {}",
-            member.member_psn_no, member.effective_from
-        );
+        let relation = name_of(pb::Relation::try_from(member.relation).unwrap_or_default().as_str_name(), "RELATION_");
+        println!("  {}  {relation}  from {}", member.member_psn_no, member.effective_from);
     }
 }

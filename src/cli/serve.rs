@@ -79,26 +79,17 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let address = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let ledger = config
         .ledger_url
         .as_deref()
         .map(crate::config::redact_url)
         .unwrap_or_else(|| format!("SQLite in {}", config.data_dir.display()));
-    let balances = config
-        .redis_url
-        .as_deref()
-        .map(crate::config::redact_url)
-        .unwrap_or_else(|| "in process".into());
+    let balances = config.redis_url.as_deref().map(crate::config::redact_url).unwrap_or_else(|| "in process".into());
     tracing::info!(%address, %ledger, %balances, "yibao gateway listening");
     if args.demo {
         match crate::demo::seed(&app.gateway).await {
-            Ok(institution_key) => {
-                print_demo(&address, &institution_key, demo_operator_key.as_deref())
-            }
+            Ok(institution_key) => print_demo(&address, &institution_key, demo_operator_key.as_deref()),
             Err(failure) => {
                 eprintln!("error: demo seeding failed: {failure}");
                 return ExitCode::FAILURE;
@@ -122,16 +113,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
 }
 
 fn print_demo(address: &str, institution_key: &str, operator_key: Option<&str>) {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "yibao".into());
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yibao".into());
     let server = format!("http://{address}");
     println!();
     println!("Demo data is ready (region 110000 Beijing): D1001 pays; spouse D1002 and father D1003 share their accounts with D1001.");
-    println!(
-        "Institution {} key: {institution_key}",
-        crate::demo::INSTITUTION_CODE
-    );
+    println!("Institution {} key: {institution_key}", crate::demo::INSTITUTION_CODE);
     if let Some(key) = operator_key {
         println!("Operator key (this run only; set YIBAO_OPERATOR_KEY to keep one): {key}");
     }
@@ -147,14 +133,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = terminate.recv() => {}

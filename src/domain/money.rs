@@ -62,11 +62,7 @@ impl Money {
         let mut fen: i64 = whole.parse::<i64>().map_err(|_| MoneyError::Malformed)? * 100;
         if let Some(fraction) = fraction {
             let digits: i64 = fraction.parse().map_err(|_| MoneyError::Malformed)?;
-            fen += if fraction.len() == 1 {
-                digits * 10
-            } else {
-                digits
-            };
+            fen += if fraction.len() == 1 { digits * 10 } else { digits };
         }
         let money = Money::from_fen(fen);
         if money > Money::INPUT_MAX {
@@ -98,8 +94,7 @@ impl Money {
     /// From a decimal computed elsewhere (interest, percentages): rounds half-up (away from zero)
     /// to the fen, as the policy documents require.
     pub fn from_decimal_half_up(value: Decimal) -> Money {
-        let mut rounded =
-            value.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+        let mut rounded = value.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
         rounded.rescale(2);
         Money(rounded)
     }
@@ -138,8 +133,7 @@ impl Money {
         if other >= self {
             Money::ZERO
         } else {
-            self.checked_sub(other)
-                .expect("no overflow when other < self")
+            self.checked_sub(other).expect("no overflow when other < self")
         }
     }
 
@@ -148,9 +142,7 @@ impl Money {
     }
 
     pub fn sum<I: IntoIterator<Item = Money>>(items: I) -> Money {
-        items.into_iter().fold(Money::ZERO, |total, item| {
-            total.checked_add(item).expect("money sum within range")
-        })
+        items.into_iter().fold(Money::ZERO, |total, item| total.checked_add(item).expect("money sum within range"))
     }
 
     fn normalized(mut value: Decimal) -> Money {
@@ -195,29 +187,22 @@ mod tests {
     #[test]
     fn refuses_everything_else() {
         for bad in [
-            "-1", "+1", "1e3", "1E3", " 1", "1 ", "1.", ".5", "01", "00.10", "1,000", "1.2.3",
-            "NaN", "inf", "１", "0x10", "1_000",
+            "-1", "+1", "1e3", "1E3", " 1", "1 ", "1.", ".5", "01", "00.10", "1,000", "1.2.3", "NaN", "inf", "１",
+            "0x10", "1_000",
         ] {
             assert_eq!(Money::parse(bad), Err(MoneyError::Malformed), "{bad:?}");
         }
         assert_eq!(Money::parse(""), Err(MoneyError::Empty));
         assert_eq!(Money::parse("1.234"), Err(MoneyError::TooPrecise));
-        assert_eq!(
-            Money::parse("1000000.01"),
-            Err(MoneyError::TooLarge(Money::INPUT_MAX))
-        );
-        assert_eq!(
-            Money::parse("99999999999999999999999"),
-            Err(MoneyError::TooLarge(Money::INPUT_MAX))
-        );
+        assert_eq!(Money::parse("1000000.01"), Err(MoneyError::TooLarge(Money::INPUT_MAX)));
+        assert_eq!(Money::parse("99999999999999999999999"), Err(MoneyError::TooLarge(Money::INPUT_MAX)));
         assert_eq!(Money::parse_positive("0.00"), Err(MoneyError::NotPositive));
     }
 
     #[test]
     fn rounds_half_up_to_the_fen() {
         use std::str::FromStr;
-        let round =
-            |s: &str| Money::from_decimal_half_up(Decimal::from_str(s).unwrap()).to_string();
+        let round = |s: &str| Money::from_decimal_half_up(Decimal::from_str(s).unwrap()).to_string();
         assert_eq!(round("246.9134"), "246.91");
         assert_eq!(round("0.005"), "0.01");
         assert_eq!(round("0.004999"), "0.00");

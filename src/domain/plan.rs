@@ -30,11 +30,7 @@ pub fn plan(amount: Money, mode: PayMode, available: &[Money]) -> Result<Plan, I
     let mut owed = amount;
     let mut draws = Vec::with_capacity(available.len());
     for &have in available {
-        let have = if have.is_negative() {
-            Money::ZERO
-        } else {
-            have
-        };
+        let have = if have.is_negative() { Money::ZERO } else { have };
         let take = owed.min(have);
         owed = owed.checked_sub(take).expect("take <= owed");
         draws.push(take);
@@ -43,11 +39,7 @@ pub fn plan(amount: Money, mode: PayMode, available: &[Money]) -> Result<Plan, I
     if mode == PayMode::FullOnly && !owed.is_zero() {
         return Err(Insufficient { available: total });
     }
-    let plan = Plan {
-        draws,
-        total,
-        cash: owed,
-    };
+    let plan = Plan { draws, total, cash: owed };
     debug_assert_eq!(plan.total.checked_add(plan.cash), Some(amount));
     Ok(plan)
 }
@@ -63,12 +55,7 @@ mod tests {
 
     #[test]
     fn own_account_first_then_family_in_order() {
-        let plan = plan(
-            yuan("100"),
-            PayMode::Partial,
-            &[yuan("30"), yuan("50"), yuan("40")],
-        )
-        .unwrap();
+        let plan = plan(yuan("100"), PayMode::Partial, &[yuan("30"), yuan("50"), yuan("40")]).unwrap();
         assert_eq!(plan.draws, vec![yuan("30"), yuan("50"), yuan("20")]);
         assert_eq!(plan.cash, Money::ZERO);
     }
@@ -84,9 +71,7 @@ mod tests {
     fn full_only_is_all_or_nothing() {
         assert_eq!(
             plan(yuan("100"), PayMode::FullOnly, &[yuan("60"), yuan("39.99")]),
-            Err(Insufficient {
-                available: yuan("99.99")
-            })
+            Err(Insufficient { available: yuan("99.99") })
         );
         assert!(plan(yuan("100"), PayMode::FullOnly, &[yuan("60"), yuan("40")]).is_ok());
     }

@@ -120,9 +120,7 @@ impl RegionPolicy {
 
     pub fn kind_rules(&self, kind: InstitutionKind) -> &KindRules {
         static NONE: std::sync::OnceLock<KindRules> = std::sync::OnceLock::new();
-        self.kinds
-            .get(&kind)
-            .unwrap_or_else(|| NONE.get_or_init(KindRules::default))
+        self.kinds.get(&kind).unwrap_or_else(|| NONE.get_or_init(KindRules::default))
     }
 
     pub fn has_account(&self, category: PersonCategory) -> bool {
@@ -156,12 +154,8 @@ pub struct PolicyError {
 impl Policies {
     /// Loads every `*.toml` in `dir`. Two files for one region, or none at all, is an error.
     pub fn load_dir(dir: &Path) -> Result<Policies, PolicyError> {
-        let fail = |file: &Path, message: String| PolicyError {
-            file: file.display().to_string(),
-            message,
-        };
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| fail(dir, format!("cannot read directory: {e}")))?;
+        let fail = |file: &Path, message: String| PolicyError { file: file.display().to_string(), message };
+        let entries = std::fs::read_dir(dir).map_err(|e| fail(dir, format!("cannot read directory: {e}")))?;
         let mut paths: Vec<_> = entries
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
@@ -169,21 +163,15 @@ impl Policies {
         paths.sort();
         let mut policies = Policies::default();
         for path in &paths {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| fail(path, format!("cannot read: {e}")))?;
+            let text = std::fs::read_to_string(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
             let policy = RegionPolicy::parse(&text).map_err(|message| fail(path, message))?;
             if policies.regions.contains_key(&policy.region) {
                 return Err(fail(
                     path,
-                    format!(
-                        "key `region`: region {} is already defined by another file",
-                        policy.region
-                    ),
+                    format!("key `region`: region {} is already defined by another file", policy.region),
                 ));
             }
-            policies
-                .regions
-                .insert(policy.region.clone(), Arc::new(policy));
+            policies.regions.insert(policy.region.clone(), Arc::new(policy));
         }
         if policies.regions.is_empty() {
             return Err(fail(dir, "no policy files (*.toml) found".into()));
@@ -196,11 +184,8 @@ impl Policies {
     pub fn builtin() -> Policies {
         let mut policies = Policies::default();
         for (file, text) in BUILTIN {
-            let policy =
-                RegionPolicy::parse(text).unwrap_or_else(|e| panic!("built-in policy {file}: {e}"));
-            policies
-                .regions
-                .insert(policy.region.clone(), Arc::new(policy));
+            let policy = RegionPolicy::parse(text).unwrap_or_else(|e| panic!("built-in policy {file}: {e}"));
+            policies.regions.insert(policy.region.clone(), Arc::new(policy));
         }
         policies
     }
@@ -215,10 +200,7 @@ impl Policies {
 }
 
 const BUILTIN: &[(&str, &str)] = &[
-    (
-        "beijing.toml",
-        include_str!("../../config/policy/beijing.toml"),
-    ),
+    ("beijing.toml", include_str!("../../config/policy/beijing.toml")),
     ("jilin.toml", include_str!("../../config/policy/jilin.toml")),
     ("hunan.toml", include_str!("../../config/policy/hunan.toml")),
 ];
@@ -226,84 +208,45 @@ const BUILTIN: &[(&str, &str)] = &[
 impl RegionPolicy {
     /// Parses and validates one file's text; the error names the key at fault.
     pub fn parse(text: &str) -> Result<RegionPolicy, String> {
-        let file: PolicyFile =
-            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
-        let money = |key: &str, text: &str| {
-            Money::parse(text).map_err(|e| format!("key `{key}`: {text:?} {e}"))
-        };
+        let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        let money = |key: &str, text: &str| Money::parse(text).map_err(|e| format!("key `{key}`: {text:?} {e}"));
         if !super::types::is_region_code(&file.region) {
-            return Err(format!(
-                "key `region`: {:?} is not a 6-digit region code",
-                file.region
-            ));
+            return Err(format!("key `region`: {:?} is not a 6-digit region code", file.region));
         }
         let family_start_date = NaiveDate::parse_from_str(&file.family.start_date, "%Y-%m-%d")
-            .map_err(|_| {
-                format!(
-                    "key `family.start_date`: {:?} is not a date YYYY-MM-DD",
-                    file.family.start_date
-                )
-            })?;
+            .map_err(|_| format!("key `family.start_date`: {:?} is not a date YYYY-MM-DD", file.family.start_date))?;
         if file.pin.length != 6 {
-            return Err(format!(
-                "key `pin.length`: {} (payment PINs are 6 digits, 000 §12)",
-                file.pin.length
-            ));
+            return Err(format!("key `pin.length`: {} (payment PINs are 6 digits, 000 §12)", file.pin.length));
         }
         if file.pin.lockout_failures == 0 {
             return Err("key `pin.lockout_failures`: must be at least 1".into());
         }
         for weak in &file.pin.weak {
             if weak.len() != file.pin.length || !weak.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!(
-                    "key `pin.weak`: {weak:?} is not a {}-digit PIN",
-                    file.pin.length
-                ));
+                return Err(format!("key `pin.weak`: {weak:?} is not a {}-digit PIN", file.pin.length));
             }
         }
         let mut no_pin_tiers = Vec::new();
         for (i, tier) in file.no_pin.tiers.iter().enumerate() {
-            let per_payment_max = money(
-                &format!("no_pin.tiers[{i}].per_payment_max"),
-                &tier.per_payment_max,
-            )?;
+            let per_payment_max = money(&format!("no_pin.tiers[{i}].per_payment_max"), &tier.per_payment_max)?;
             let daily_max = money(&format!("no_pin.tiers[{i}].daily_max"), &tier.daily_max)?;
             if tier.name.is_empty() || tier.name == "NONE" {
-                return Err(format!(
-                    "key `no_pin.tiers[{i}].name`: {:?} is reserved or empty",
-                    tier.name
-                ));
+                return Err(format!("key `no_pin.tiers[{i}].name`: {:?} is reserved or empty", tier.name));
             }
             if per_payment_max > daily_max {
-                return Err(format!(
-                    "key `no_pin.tiers[{i}]`: per_payment_max exceeds daily_max"
-                ));
+                return Err(format!("key `no_pin.tiers[{i}]`: per_payment_max exceeds daily_max"));
             }
             if no_pin_tiers.iter().any(|t: &NoPinTier| t.name == tier.name) {
-                return Err(format!(
-                    "key `no_pin.tiers[{i}].name`: {:?} appears twice",
-                    tier.name
-                ));
+                return Err(format!("key `no_pin.tiers[{i}].name`: {:?} appears twice", tier.name));
             }
-            no_pin_tiers.push(NoPinTier {
-                name: tier.name.clone(),
-                per_payment_max,
-                daily_max,
-            });
+            no_pin_tiers.push(NoPinTier { name: tier.name.clone(), per_payment_max, daily_max });
         }
         let registration_cap = money("channels.registration_cap", &file.channels.registration_cap)?;
         let mut kinds = HashMap::new();
         for (name, rules) in file.institution_kinds {
-            let kind = InstitutionKind::parse(&name).ok_or_else(|| {
-                format!("key `institution_kinds.{name}`: not an institution kind")
-            })?;
-            kinds.insert(
-                kind,
-                KindRules {
-                    channels: rules.channels,
-                    categories: rules.categories,
-                },
-            );
+            let kind = InstitutionKind::parse(&name)
+                .ok_or_else(|| format!("key `institution_kinds.{name}`: not an institution kind"))?;
+            kinds.insert(kind, KindRules { channels: rules.channels, categories: rules.categories });
         }
         Ok(RegionPolicy {
             region: file.region,
@@ -332,10 +275,7 @@ mod tests {
     fn builtin_policies_load() {
         let policies = Policies::builtin();
         let beijing = policies.region("110000").expect("beijing");
-        assert_eq!(
-            beijing.family_start_date,
-            NaiveDate::from_ymd_opt(2022, 12, 1).unwrap()
-        );
+        assert_eq!(beijing.family_start_date, NaiveDate::from_ymd_opt(2022, 12, 1).unwrap());
         assert!(beijing.pin_exempt_channels.contains(&Channel::EVoucher));
         assert!(!beijing.pin_exempt_channels.contains(&Channel::Card));
         let hunan = policies.region("430000").expect("hunan");
@@ -345,16 +285,15 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let text =
-            include_str!("../../config/policy/beijing.toml").replace("[pin]", "[pin]\nlokout = 3");
+        let text = include_str!("../../config/policy/beijing.toml").replace("[pin]", "[pin]\nlokout = 3");
         let error = RegionPolicy::parse(&text).unwrap_err();
         assert!(error.contains("lokout"), "{error}");
     }
 
     #[test]
     fn bad_amount_is_named() {
-        let text = include_str!("../../config/policy/beijing.toml")
-            .replace("registration_cap = \"", "registration_cap = \"-");
+        let text =
+            include_str!("../../config/policy/beijing.toml").replace("registration_cap = \"", "registration_cap = \"-");
         let error = RegionPolicy::parse(&text).unwrap_err();
         assert!(error.contains("channels.registration_cap"), "{error}");
     }

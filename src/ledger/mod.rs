@@ -38,18 +38,10 @@ pub trait Ledger: Send + Sync + 'static {
     async fn ping(&self) -> LedgerResult<()>;
     async fn person(&self, psn_no: &str) -> LedgerResult<Option<PersonRecord>>;
     /// The payer, their accounts usable today in deduction order, PIN state and no-PIN use today.
-    async fn payer_context(
-        &self,
-        psn_no: &str,
-        today: NaiveDate,
-    ) -> LedgerResult<Option<PayerContext>>;
+    async fn payer_context(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<Option<PayerContext>>;
     async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>>;
     async fn settlement(&self, key: SettlementKey) -> LedgerResult<Option<SettlementRecord>>;
-    async fn refund_by_request(
-        &self,
-        institution_code: &str,
-        request_id: &str,
-    ) -> LedgerResult<Option<RefundRecord>>;
+    async fn refund_by_request(&self, institution_code: &str, request_id: &str) -> LedgerResult<Option<RefundRecord>>;
     /// True when the write that took this hold committed (a settlement's `setl_id`, or a debit
     /// adjustment's hold id): the sweeper's question about a hold whose lease ended.
     async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool>;
@@ -89,10 +81,7 @@ pub trait Ledger: Send + Sync + 'static {
     async fn set_card_status(&self, psn_no: &str, status: CardStatus) -> LedgerResult<()>;
     async fn set_no_pin_tier(&self, psn_no: &str, tier: Option<&str>) -> LedgerResult<()>;
     async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()>;
-    async fn register_family(
-        &self,
-        link: NewFamilyLink,
-    ) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>>;
+    async fn register_family(&self, link: NewFamilyLink) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>>;
     async fn revoke_family(
         &self,
         owner: &str,
@@ -120,9 +109,6 @@ pub enum PinAttempt {
 
 impl FamilyView {
     pub fn relation_for(&self, owner: &str) -> Option<Relation> {
-        self.usable
-            .iter()
-            .find(|u| u.owner_psn_no == owner)
-            .map(|u| u.relation)
+        self.usable.iter().find(|u| u.owner_psn_no == owner).map(|u| u.relation)
     }
 }

@@ -7,8 +7,8 @@
 
 use super::*;
 use crate::domain::{
-    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus,
-    Money, PersonCategory, Relation, Role, SettlementStatus, TxnKind,
+    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
+    Relation, Role, SettlementStatus, TxnKind,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -37,34 +37,22 @@ fn corrupt(what: &str) -> LedgerUnavailable {
     LedgerUnavailable(format!("unexpected ledger data: {what}"))
 }
 
-async fn deadline<T, E: std::fmt::Display>(
-    work: impl Future<Output = Result<T, E>>,
-) -> LedgerResult<T> {
+async fn deadline<T, E: std::fmt::Display>(work: impl Future<Output = Result<T, E>>) -> LedgerResult<T> {
     match tokio::time::timeout(CALL_TIMEOUT, work).await {
         Ok(result) => result.map_err(unavailable),
-        Err(_) => Err(LedgerUnavailable(
-            "the database did not answer in time".into(),
-        )),
+        Err(_) => Err(LedgerUnavailable("the database did not answer in time".into())),
     }
 }
 
 impl PostgresLedger {
     /// Connects, and creates or migrates the schema (serialised across gateways by an advisory lock).
     pub async fn connect(url: &str) -> Result<PostgresLedger, LedgerUnavailable> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| unavailable(format!("ledger URL: {e}")))?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| unavailable(format!("ledger URL: {e}")))?;
         // Durability is not negotiable: a commit returns only once it is on disk.
         config.options("-c synchronous_commit=on");
         config.connect_timeout(Duration::from_secs(5));
         config.application_name("yibao-gateway");
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE_MAX)
             .runtime(Runtime::Tokio1)
@@ -95,11 +83,7 @@ impl PostgresLedger {
             ))
             .await?;
         }
-        deadline(tx.execute(
-            "INSERT INTO schema_migrations VALUES (1, now()) ON CONFLICT DO NOTHING",
-            &[],
-        ))
-        .await?;
+        deadline(tx.execute("INSERT INTO schema_migrations VALUES (1, now()) ON CONFLICT DO NOTHING", &[])).await?;
         deadline(tx.commit()).await?;
         Ok(())
     }
@@ -118,21 +102,13 @@ impl PostgresLedger {
         deadline(client.query_opt(&statement, params)).await
     }
 
-    async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> LedgerResult<Vec<Row>> {
+    async fn query(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> LedgerResult<Vec<Row>> {
         let client = self.client().await?;
         let statement = deadline(client.prepare_cached(sql)).await?;
         deadline(client.query(&statement, params)).await
     }
 
-    async fn execute(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> LedgerResult<u64> {
+    async fn execute(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> LedgerResult<u64> {
         let client = self.client().await?;
         let statement = deadline(client.prepare_cached(sql)).await?;
         deadline(client.execute(&statement, params)).await
@@ -186,11 +162,7 @@ fn person_from_row(row: &Row) -> LedgerResult<PersonRecord> {
 }
 
 fn j_str(value: &Value, key: &str) -> LedgerResult<String> {
-    value
-        .get(key)
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| corrupt(key))
+    value.get(key).and_then(Value::as_str).map(str::to_string).ok_or_else(|| corrupt(key))
 }
 
 fn j_opt_str(value: &Value, key: &str) -> Option<String> {
@@ -202,17 +174,11 @@ fn j_money(value: &Value, key: &str) -> LedgerResult<Money> {
 }
 
 fn j_i64(value: &Value, key: &str) -> LedgerResult<i64> {
-    value
-        .get(key)
-        .and_then(Value::as_i64)
-        .ok_or_else(|| corrupt(key))
+    value.get(key).and_then(Value::as_i64).ok_or_else(|| corrupt(key))
 }
 
 fn j_bool(value: &Value, key: &str) -> LedgerResult<bool> {
-    value
-        .get(key)
-        .and_then(Value::as_bool)
-        .ok_or_else(|| corrupt(key))
+    value.get(key).and_then(Value::as_bool).ok_or_else(|| corrupt(key))
 }
 
 fn j_time(value: &Value, key: &str) -> LedgerResult<DateTime<Utc>> {
@@ -220,10 +186,7 @@ fn j_time(value: &Value, key: &str) -> LedgerResult<DateTime<Utc>> {
 }
 
 fn j_items<'a>(value: &'a Value, key: &str) -> LedgerResult<&'a Vec<Value>> {
-    value
-        .get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| corrupt(key))
+    value.get(key).and_then(Value::as_array).ok_or_else(|| corrupt(key))
 }
 
 fn settlement_from_json(value: &Value) -> LedgerResult<SettlementRecord> {
@@ -321,9 +284,7 @@ fn outcome_from_json(value: &Value) -> LedgerResult<WriteResult> {
         return Ok(Err(match decline {
             "ORIGINAL_REVERSED" => WriteDecline::OriginalReversed,
             "NOT_FOUND" => WriteDecline::NotFound,
-            "REFUND_EXCEEDS_PAID" => WriteDecline::RefundExceedsPaid {
-                refundable: j_money(value, "refundable")?,
-            },
+            "REFUND_EXCEEDS_PAID" => WriteDecline::RefundExceedsPaid { refundable: j_money(value, "refundable")? },
             "INSUFFICIENT_BALANCE" => WriteDecline::InsufficientBalance { account_id },
             "ACCOUNT_NOT_OPEN" => WriteDecline::AccountNotOpen {
                 account_id,
@@ -331,9 +292,7 @@ fn outcome_from_json(value: &Value) -> LedgerResult<WriteResult> {
                     .and_then(|s| AccountStatus::parse(&s))
                     .unwrap_or(AccountStatus::Closed),
             },
-            "NO_PIN_DAILY_EXCEEDED" => WriteDecline::NoPinDailyExceeded {
-                used: j_money(value, "used")?,
-            },
+            "NO_PIN_DAILY_EXCEEDED" => WriteDecline::NoPinDailyExceeded { used: j_money(value, "used")? },
             "REQUEST_ID_REUSED" => WriteDecline::RequestIdReused,
             // A deadlock or a race with another gateway: nothing applied; the caller may retry.
             "HOLD_EXPIRED" | "RETRY" => WriteDecline::HoldExpired,
@@ -342,24 +301,20 @@ fn outcome_from_json(value: &Value) -> LedgerResult<WriteResult> {
     }
     let record = value.get("record").ok_or_else(|| corrupt("record"))?;
     Ok(Ok(match value.get("outcome").and_then(Value::as_str) {
-        Some("settled") => WriteOutcome::Settled {
-            record: settlement_from_json(record)?,
-            changes: changes_from_json(value)?,
-        },
+        Some("settled") => {
+            WriteOutcome::Settled { record: settlement_from_json(record)?, changes: changes_from_json(value)? }
+        }
         Some("settlement_exists") => WriteOutcome::SettlementExists(settlement_from_json(record)?),
-        Some("refunded") => WriteOutcome::Refunded {
-            record: refund_from_json(record)?,
-            changes: changes_from_json(value)?,
-        },
+        Some("refunded") => {
+            WriteOutcome::Refunded { record: refund_from_json(record)?, changes: changes_from_json(value)? }
+        }
         Some("refund_exists") => WriteOutcome::RefundExists(refund_from_json(record)?),
-        Some("reversed") => WriteOutcome::Reversed {
-            record: settlement_from_json(record)?,
-            changes: changes_from_json(value)?,
-        },
-        Some("adjusted") => WriteOutcome::Adjusted {
-            record: adjustment_from_json(record)?,
-            changes: changes_from_json(value)?,
-        },
+        Some("reversed") => {
+            WriteOutcome::Reversed { record: settlement_from_json(record)?, changes: changes_from_json(value)? }
+        }
+        Some("adjusted") => {
+            WriteOutcome::Adjusted { record: adjustment_from_json(record)?, changes: changes_from_json(value)? }
+        }
         Some("adjustment_exists") => WriteOutcome::AdjustmentExists(adjustment_from_json(record)?),
         _ => return Err(corrupt("outcome")),
     }))
@@ -440,8 +395,7 @@ impl Ledger for PostgresLedger {
         let payload = Value::Array(writes.iter().map(write_to_json).collect());
         let now_ms = crate::cache::memory::unix_ms() as i64;
         let client = self.client().await?;
-        let statement =
-            deadline(client.prepare_cached("SELECT yibao_commit($1::jsonb, $2)")).await?;
+        let statement = deadline(client.prepare_cached("SELECT yibao_commit($1::jsonb, $2)")).await?;
         // One statement in autocommit: the whole batch commits (durably) or nothing does.
         let row = deadline(client.query_one(&statement, &[&payload, &now_ms])).await?;
         let results: Value = row.get(0);
@@ -457,23 +411,14 @@ impl Ledger for PostgresLedger {
     }
 
     async fn person(&self, psn_no: &str) -> LedgerResult<Option<PersonRecord>> {
-        self.query_opt(PERSON_SELECT, &[&psn_no])
-            .await?
-            .as_ref()
-            .map(person_from_row)
-            .transpose()
+        self.query_opt(PERSON_SELECT, &[&psn_no]).await?.as_ref().map(person_from_row).transpose()
     }
 
-    async fn payer_context(
-        &self,
-        psn_no: &str,
-        today: NaiveDate,
-    ) -> LedgerResult<Option<PayerContext>> {
+    async fn payer_context(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<Option<PayerContext>> {
         let client = self.client().await?;
         let (person, pin, family, used) = (
             deadline(client.prepare_cached(PERSON_SELECT)).await?,
-            deadline(client.prepare_cached("SELECT phc, failed_count FROM pins WHERE psn_no = $1"))
-                .await?,
+            deadline(client.prepare_cached("SELECT phc, failed_count FROM pins WHERE psn_no = $1")).await?,
             deadline(client.prepare_cached(USABLE_SOURCES)).await?,
             deadline(client.prepare_cached(NO_PIN_USED)).await?,
         );
@@ -494,28 +439,16 @@ impl Ledger for PostgresLedger {
         };
         Ok(Some(PayerContext {
             person: person_from_row(&person)?,
-            family: family
-                .iter()
-                .map(family_source)
-                .collect::<LedgerResult<_>>()?,
+            family: family.iter().map(family_source).collect::<LedgerResult<_>>()?,
             pin_phc: pin.as_ref().map(|row| row.get(0)),
-            pin_failures: pin
-                .as_ref()
-                .map(|row| row.get::<_, i32>(1) as u32)
-                .unwrap_or(0),
+            pin_failures: pin.as_ref().map(|row| row.get::<_, i32>(1) as u32).unwrap_or(0),
             no_pin_used_today: money(used.get(0))?,
         }))
     }
 
     async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>> {
-        let row = self
-            .query_opt(
-                "SELECT balance, seq FROM accounts WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        row.map(|row| Ok((money(row.get(0))?, row.get(1))))
-            .transpose()
+        let row = self.query_opt("SELECT balance, seq FROM accounts WHERE account_id = $1", &[&account_id]).await?;
+        row.map(|row| Ok((money(row.get(0))?, row.get(1)))).transpose()
     }
 
     async fn settlement(&self, key: SettlementKey) -> LedgerResult<Option<SettlementRecord>> {
@@ -535,11 +468,7 @@ impl Ledger for PostgresLedger {
         }
     }
 
-    async fn refund_by_request(
-        &self,
-        institution_code: &str,
-        request_id: &str,
-    ) -> LedgerResult<Option<RefundRecord>> {
+    async fn refund_by_request(&self, institution_code: &str, request_id: &str) -> LedgerResult<Option<RefundRecord>> {
         let row = self
             .query_opt(
                 "SELECT yibao_refund_json(refund_id) FROM refunds WHERE institution_code = $1 AND request_id = $2",
@@ -641,20 +570,11 @@ impl Ledger for PostgresLedger {
             }),
             None => None,
         };
-        Ok(Some(Principal {
-            key_id: row.get(0),
-            role: parse(row.get(1), Role::parse)?,
-            institution,
-        }))
+        Ok(Some(Principal { key_id: row.get(0), role: parse(row.get(1), Role::parse)?, institution }))
     }
 
     async fn institution(&self, code: &str) -> LedgerResult<Option<InstitutionRecord>> {
-        let row = self
-            .query_opt(
-                "SELECT code, name, kind, region FROM institutions WHERE code = $1",
-                &[&code],
-            )
-            .await?;
+        let row = self.query_opt("SELECT code, name, kind, region FROM institutions WHERE code = $1", &[&code]).await?;
         row.map(|row| {
             Ok(InstitutionRecord {
                 code: row.get(0),
@@ -701,7 +621,15 @@ impl Ledger for PostgresLedger {
              ON CONFLICT (psn_no) DO UPDATE SET name = excluded.name, birth_date = excluded.birth_date,
                  region = excluded.region, category = excluded.category, status = excluded.status,
                  updated_at = excluded.updated_at",
-            &[&person.psn_no, &person.name, &person.birth_date, &person.region, &person.category.name(), &person.status.name(), &at],
+            &[
+                &person.psn_no,
+                &person.name,
+                &person.birth_date,
+                &person.region,
+                &person.category.name(),
+                &person.status.name(),
+                &at,
+            ],
         ))
         .await?;
         if open_account {
@@ -735,14 +663,7 @@ impl Ledger for PostgresLedger {
         }
         deadline(tx.execute(
             INSERT_KEY,
-            &[
-                &key.key_hash,
-                &key.key_id,
-                &key.role.name(),
-                &key.institution_code,
-                &key.label,
-                &key.at,
-            ],
+            &[&key.key_hash, &key.key_id, &key.role.name(), &key.institution_code, &key.label, &key.at],
         ))
         .await?;
         deadline(tx.commit()).await?;
@@ -752,14 +673,7 @@ impl Ledger for PostgresLedger {
     async fn insert_api_key(&self, key: NewApiKey) -> LedgerResult<()> {
         self.execute(
             INSERT_KEY,
-            &[
-                &key.key_hash,
-                &key.key_id,
-                &key.role.name(),
-                &key.institution_code,
-                &key.label,
-                &key.at,
-            ],
+            &[&key.key_hash, &key.key_id, &key.role.name(), &key.institution_code, &key.label, &key.at],
         )
         .await?;
         Ok(())
@@ -807,16 +721,9 @@ impl Ledger for PostgresLedger {
             )
             .await?;
         if let Some(row) = row {
-            return Ok(PinAttempt::Proceed {
-                failures: row.get::<_, i32>(0) as u32,
-            });
+            return Ok(PinAttempt::Proceed { failures: row.get::<_, i32>(0) as u32 });
         }
-        let state = self
-            .query_opt(
-                "SELECT locked_until FROM pins WHERE psn_no = $1",
-                &[&psn_no],
-            )
-            .await?;
+        let state = self.query_opt("SELECT locked_until FROM pins WHERE psn_no = $1", &[&psn_no]).await?;
         Ok(match state {
             None => PinAttempt::NotSet,
             Some(row) => match row.get::<_, Option<NaiveDate>>(0) {
@@ -827,45 +734,26 @@ impl Ledger for PostgresLedger {
     }
 
     async fn pin_attempt_succeeded(&self, psn_no: &str) -> LedgerResult<()> {
-        self.execute(
-            "UPDATE pins SET failed_count = 0, locked_until = NULL WHERE psn_no = $1",
-            &[&psn_no],
-        )
-        .await?;
+        self.execute("UPDATE pins SET failed_count = 0, locked_until = NULL WHERE psn_no = $1", &[&psn_no]).await?;
         Ok(())
     }
 
     async fn set_card_status(&self, psn_no: &str, status: CardStatus) -> LedgerResult<()> {
-        self.execute(
-            "UPDATE persons SET card_status = $1 WHERE psn_no = $2",
-            &[&status.name(), &psn_no],
-        )
-        .await?;
+        self.execute("UPDATE persons SET card_status = $1 WHERE psn_no = $2", &[&status.name(), &psn_no]).await?;
         Ok(())
     }
 
     async fn set_no_pin_tier(&self, psn_no: &str, tier: Option<&str>) -> LedgerResult<()> {
-        self.execute(
-            "UPDATE persons SET no_pin_tier = $1 WHERE psn_no = $2",
-            &[&tier, &psn_no],
-        )
-        .await?;
+        self.execute("UPDATE persons SET no_pin_tier = $1 WHERE psn_no = $2", &[&tier, &psn_no]).await?;
         Ok(())
     }
 
     async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()> {
-        self.execute(
-            "UPDATE accounts SET status = $1 WHERE psn_no = $2",
-            &[&status.name(), &psn_no],
-        )
-        .await?;
+        self.execute("UPDATE accounts SET status = $1 WHERE psn_no = $2", &[&status.name(), &psn_no]).await?;
         Ok(())
     }
 
-    async fn register_family(
-        &self,
-        link: NewFamilyLink,
-    ) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>> {
+    async fn register_family(&self, link: NewFamilyLink) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>> {
         let mut client = self.client().await?;
         let tx = deadline(client.transaction()).await?;
         let inserted = deadline(tx.execute(
@@ -910,10 +798,9 @@ impl Ledger for PostgresLedger {
             &[&at, &owner, &member],
         ))
         .await?;
-        deadline(tx.execute(
-            "DELETE FROM family_order WHERE member_psn_no = $1 AND owner_psn_no = $2",
-            &[&member, &owner],
-        ))
+        deadline(
+            tx.execute("DELETE FROM family_order WHERE member_psn_no = $1 AND owner_psn_no = $2", &[&member, &owner]),
+        )
         .await?;
         deadline(tx.commit()).await?;
         row.map(|row| family_link(&row, true)).transpose()
@@ -922,11 +809,9 @@ impl Ledger for PostgresLedger {
     async fn set_deduction_order(&self, member: &str, owners: &[String]) -> LedgerResult<bool> {
         let mut client = self.client().await?;
         let tx = deadline(client.transaction()).await?;
-        let rows = deadline(tx.query(
-            "SELECT owner_psn_no FROM family_order WHERE member_psn_no = $1 FOR UPDATE",
-            &[&member],
-        ))
-        .await?;
+        let rows =
+            deadline(tx.query("SELECT owner_psn_no FROM family_order WHERE member_psn_no = $1 FOR UPDATE", &[&member]))
+                .await?;
         let mut current: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
         let mut wanted = owners.to_vec();
         current.sort();

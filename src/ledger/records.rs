@@ -1,8 +1,8 @@
 //! Plain records the ledger reads and writes. No behaviour beyond small helpers.
 
 use crate::domain::{
-    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus,
-    Money, PersonCategory, Relation, Role, SettlementStatus, TxnKind,
+    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
+    Relation, Role, SettlementStatus, TxnKind,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 
@@ -79,10 +79,7 @@ impl std::fmt::Debug for PayerContext {
 #[derive(Debug, Clone)]
 pub enum SettlementKey {
     SetlId(String),
-    Request {
-        institution_code: String,
-        request_id: String,
-    },
+    Request { institution_code: String, request_id: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,9 +153,7 @@ pub struct SettlementRecord {
 
 impl SettlementRecord {
     pub fn paid(&self) -> Money {
-        self.acct_pay
-            .checked_add(self.acct_mulaid_pay)
-            .expect("paid within range")
+        self.acct_pay.checked_add(self.acct_mulaid_pay).expect("paid within range")
     }
 
     pub fn refundable(&self) -> Money {

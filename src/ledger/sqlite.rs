@@ -4,13 +4,11 @@
 
 use super::*;
 use crate::domain::{
-    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus,
-    Money, PersonCategory, Relation, Role, SettlementStatus, SystemAccount, TxnKind,
+    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
+    Relation, Role, SettlementStatus, SystemAccount, TxnKind,
 };
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use rusqlite::{
-    params, Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior,
-};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -52,8 +50,7 @@ fn open_connection(path: &Path) -> Sql<Connection> {
 impl SqliteLedger {
     /// Opens (creating if needed) the ledger file and applies the schema.
     pub fn open(path: &Path) -> Result<SqliteLedger, LedgerUnavailable> {
-        let conn =
-            open_connection(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let conn = open_connection(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         let mut system = HashMap::new();
         let now = ts(Utc::now());
@@ -64,11 +61,7 @@ impl SqliteLedger {
             )
             .map_err(unavailable)?;
             let id: AccountId = conn
-                .query_row(
-                    "SELECT account_id FROM accounts WHERE system_code = ?1",
-                    [account.name()],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT account_id FROM accounts WHERE system_code = ?1", [account.name()], |r| r.get(0))
                 .map_err(unavailable)?;
             system.insert(*account, id);
         }
@@ -85,16 +78,11 @@ impl SqliteLedger {
 
     async fn write<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&mut Connection, &HashMap<SystemAccount, AccountId>) -> Sql<T>
-            + Send
-            + 'static,
+        work: impl FnOnce(&mut Connection, &HashMap<SystemAccount, AccountId>) -> Sql<T> + Send + 'static,
     ) -> LedgerResult<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = inner
-                .writer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut conn = inner.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             work(&mut conn, &inner.system)
         })
         .await
@@ -106,29 +94,16 @@ impl SqliteLedger {
         &self,
         work: impl FnOnce(&Connection) -> Sql<T> + Send + 'static,
     ) -> LedgerResult<T> {
-        let _permit = self
-            .inner
-            .reader_permits
-            .acquire()
-            .await
-            .map_err(unavailable)?;
+        let _permit = self.inner.reader_permits.acquire().await.map_err(unavailable)?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = inner
-                .readers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop();
+            let pooled = inner.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(conn) => conn,
                 None => open_connection(&inner.path)?,
             };
             let result = work(&conn);
-            inner
-                .readers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(conn);
+            inner.readers.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
             result
         })
         .await
@@ -157,9 +132,7 @@ fn bad_column(index: usize, text: &str) -> rusqlite::Error {
 
 fn col_ts(row: &Row, index: usize) -> Sql<DateTime<Utc>> {
     let text: String = row.get(index)?;
-    DateTime::parse_from_rfc3339(&text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| bad_column(index, &text))
+    DateTime::parse_from_rfc3339(&text).map(|t| t.with_timezone(&Utc)).map_err(|_| bad_column(index, &text))
 }
 
 fn col_date(row: &Row, index: usize) -> Sql<NaiveDate> {
@@ -169,8 +142,7 @@ fn col_date(row: &Row, index: usize) -> Sql<NaiveDate> {
 
 fn col_opt_date(row: &Row, index: usize) -> Sql<Option<NaiveDate>> {
     let text: Option<String> = row.get(index)?;
-    text.map(|t| NaiveDate::parse_from_str(&t, "%Y-%m-%d").map_err(|_| bad_column(index, &t)))
-        .transpose()
+    text.map(|t| NaiveDate::parse_from_str(&t, "%Y-%m-%d").map_err(|_| bad_column(index, &t))).transpose()
 }
 
 fn col_money(row: &Row, index: usize) -> Sql<Money> {
@@ -184,8 +156,7 @@ fn col_enum<T>(row: &Row, index: usize, parse: fn(&str) -> Option<T>) -> Sql<T> 
 
 fn col_opt_enum<T>(row: &Row, index: usize, parse: fn(&str) -> Option<T>) -> Sql<Option<T>> {
     let text: Option<String> = row.get(index)?;
-    text.map(|t| parse(&t).ok_or_else(|| bad_column(index, &t)))
-        .transpose()
+    text.map(|t| parse(&t).ok_or_else(|| bad_column(index, &t))).transpose()
 }
 
 /// True when a write's hold deadline has passed (the ledger machine's clock).
@@ -231,9 +202,7 @@ fn person_from_row(row: &Row) -> Sql<PersonRecord> {
 }
 
 fn load_person(conn: &Connection, psn_no: &str) -> Sql<Option<PersonRecord>> {
-    conn.prepare_cached(PERSON_SELECT)?
-        .query_row([psn_no], person_from_row)
-        .optional()
+    conn.prepare_cached(PERSON_SELECT)?.query_row([psn_no], person_from_row).optional()
 }
 
 const SETTLEMENT_SELECT: &str = "SELECT setl_id, institution_code, request_id, fingerprint, psn_no, status,
@@ -270,13 +239,8 @@ fn load_settlement(conn: &Connection, key: &SettlementKey) -> Sql<Option<Settlem
             .prepare_cached(&format!("{SETTLEMENT_SELECT} WHERE setl_id = ?1"))?
             .query_row([setl_id], row_to_record)
             .optional()?,
-        SettlementKey::Request {
-            institution_code,
-            request_id,
-        } => conn
-            .prepare_cached(&format!(
-                "{SETTLEMENT_SELECT} WHERE institution_code = ?1 AND request_id = ?2"
-            ))?
+        SettlementKey::Request { institution_code, request_id } => conn
+            .prepare_cached(&format!("{SETTLEMENT_SELECT} WHERE institution_code = ?1 AND request_id = ?2"))?
             .query_row([institution_code, request_id], row_to_record)
             .optional()?,
     };
@@ -301,11 +265,7 @@ fn load_settlement(conn: &Connection, key: &SettlementKey) -> Sql<Option<Settlem
     Ok(Some(record))
 }
 
-fn load_refund(
-    conn: &Connection,
-    institution_code: &str,
-    request_id: &str,
-) -> Sql<Option<RefundRecord>> {
+fn load_refund(conn: &Connection, institution_code: &str, request_id: &str) -> Sql<Option<RefundRecord>> {
     let record = conn
         .prepare_cached(
             "SELECT refund_id, institution_code, request_id, fingerprint, setl_id, amount_fen, status_after,
@@ -464,15 +424,10 @@ impl Writer<'_, '_> {
                     |row| row.get(0),
                 )?;
                 let status = AccountStatus::parse(&status).unwrap_or(AccountStatus::Closed);
-                return Ok(Err(WriteDecline::AccountNotOpen {
-                    account_id: posting.account_id,
-                    status,
-                }));
+                return Ok(Err(WriteDecline::AccountNotOpen { account_id: posting.account_id, status }));
             }
             Err(error) if is_constraint(&error) => {
-                return Ok(Err(WriteDecline::InsufficientBalance {
-                    account_id: posting.account_id,
-                }))
+                return Ok(Err(WriteDecline::InsufficientBalance { account_id: posting.account_id }))
             }
             Err(error) => return Err(error),
         };
@@ -495,19 +450,13 @@ impl Writer<'_, '_> {
             ])?;
         let posting_id = self.tx.last_insert_rowid();
         Ok(Ok((
-            BalanceChange {
-                account_id: posting.account_id,
-                balance_after: Money::from_fen(balance_fen),
-                seq,
-            },
+            BalanceChange { account_id: posting.account_id, balance_after: Money::from_fen(balance_fen), seq },
             posting_id,
         )))
     }
 
     fn close_txn(&self, txn_id: i64) -> Sql<()> {
-        self.tx
-            .prepare_cached("INSERT INTO txn_closed (txn_id) VALUES (?1)")?
-            .execute([txn_id])?;
+        self.tx.prepare_cached("INSERT INTO txn_closed (txn_id) VALUES (?1)")?.execute([txn_id])?;
         Ok(())
     }
 
@@ -518,13 +467,7 @@ impl Writer<'_, '_> {
         setl_id: &'a str,
         counterparty: &'a str,
     ) -> Posting<'a> {
-        Posting {
-            account_id: self.system[&account],
-            delta,
-            family_use: false,
-            setl_id,
-            counterparty,
-        }
+        Posting { account_id: self.system[&account], delta, family_use: false, setl_id, counterparty }
     }
 
     fn settle(&self, new: NewSettlement) -> Applied {
@@ -547,32 +490,16 @@ impl Writer<'_, '_> {
         let drawn = Money::sum(new.debits.iter().map(|d| d.amount));
         if let Some(daily_max) = new.no_pin_daily_max {
             let used = no_pin_used(self.tx, &new.psn_no, new.business_date)?;
-            if used
-                .checked_add(drawn)
-                .is_none_or(|total| total > daily_max)
-            {
+            if used.checked_add(drawn).is_none_or(|total| total > daily_max) {
                 return Ok(Err(WriteDecline::NoPinDailyExceeded { used }));
             }
         }
-        let txn_id = self.new_txn(
-            TxnKind::Settlement,
-            &new.setl_id,
-            new.business_date,
-            new.business_date,
-            new.at,
-            "",
-        )?;
+        let txn_id =
+            self.new_txn(TxnKind::Settlement, &new.setl_id, new.business_date, new.business_date, new.at, "")?;
         let mut changes = Vec::with_capacity(new.debits.len());
         for debit in &new.debits {
-            assert!(
-                !debit.amount.is_zero() && !debit.amount.is_negative(),
-                "debit lines are positive"
-            );
-            let counterparty = if debit.family {
-                &new.psn_no
-            } else {
-                &new.institution_code
-            };
+            assert!(!debit.amount.is_zero() && !debit.amount.is_negative(), "debit lines are positive");
+            let counterparty = if debit.family { &new.psn_no } else { &new.institution_code };
             let posting = Posting {
                 account_id: debit.account_id,
                 delta: debit.amount.negated(),
@@ -586,26 +513,17 @@ impl Writer<'_, '_> {
             }
         }
         if !drawn.is_zero() {
-            let payable = self.system_posting(
-                SystemAccount::InstitutionPayable,
-                drawn,
-                &new.setl_id,
-                &new.institution_code,
-            );
+            let payable =
+                self.system_posting(SystemAccount::InstitutionPayable, drawn, &new.setl_id, &new.institution_code);
             if let Err(decline) = self.post(txn_id, new.business_date, &payable)? {
                 return Ok(Err(decline));
             }
         }
         self.close_txn(txn_id)?;
         let acct_pay = Money::sum(new.debits.iter().filter(|d| !d.family).map(|d| d.amount));
-        let mulaid = drawn
-            .checked_sub(acct_pay)
-            .expect("family part within drawn");
+        let mulaid = drawn.checked_sub(acct_pay).expect("family part within drawn");
         let cash = new.amount.checked_sub(drawn).expect("drawn within amount");
-        assert!(
-            !cash.is_negative(),
-            "a settlement never draws more than its amount"
-        );
+        assert!(!cash.is_negative(), "a settlement never draws more than its amount");
         let balc = match new.own_account {
             Some(own) => match changes.iter().find(|c| c.account_id == own) {
                 Some(change) => change.balance_after,
@@ -657,8 +575,7 @@ impl Writer<'_, '_> {
                 debit.family
             ])?;
         }
-        let record = load_settlement(self.tx, &SettlementKey::SetlId(new.setl_id.clone()))?
-            .expect("just inserted");
+        let record = load_settlement(self.tx, &SettlementKey::SetlId(new.setl_id.clone()))?.expect("just inserted");
         Ok(Ok(WriteOutcome::Settled { record, changes }))
     }
 
@@ -677,11 +594,7 @@ impl Writer<'_, '_> {
             if amount.is_zero() {
                 continue;
             }
-            let counterparty = if debit.family {
-                &settlement.psn_no
-            } else {
-                &settlement.institution_code
-            };
+            let counterparty = if debit.family { &settlement.psn_no } else { &settlement.institution_code };
             let posting = Posting {
                 account_id: debit.account_id,
                 delta: *amount,
@@ -730,11 +643,10 @@ impl Writer<'_, '_> {
         if load_settlement(self.tx, &key)?.is_some() {
             return Ok(Err(WriteDecline::RequestIdReused));
         }
-        let settlement =
-            match load_settlement(self.tx, &SettlementKey::SetlId(new.setl_id.clone()))? {
-                Some(s) if s.institution_code == new.institution_code && !s.tombstone => s,
-                _ => return Ok(Err(WriteDecline::NotFound)),
-            };
+        let settlement = match load_settlement(self.tx, &SettlementKey::SetlId(new.setl_id.clone()))? {
+            Some(s) if s.institution_code == new.institution_code && !s.tombstone => s,
+            _ => return Ok(Err(WriteDecline::NotFound)),
+        };
         let refundable = settlement.refundable();
         let amount = new.amount.unwrap_or(refundable);
         if amount.is_zero() || amount > refundable {
@@ -749,37 +661,21 @@ impl Writer<'_, '_> {
             left = left.checked_sub(give).expect("give <= left");
         }
         assert!(left.is_zero(), "refundable covers the refund");
-        let txn_id = self.new_txn(
-            TxnKind::Refund,
-            &new.refund_id,
-            new.business_date,
-            new.business_date,
-            new.at,
-            &new.setl_id,
-        )?;
-        let (changes, credits) =
-            match self.credit_back(txn_id, &settlement, &amounts, new.business_date)? {
-                Ok(done) => done,
-                Err(decline) => return Ok(Err(decline)),
-            };
-        let refunded_total = settlement
-            .refunded
-            .checked_add(amount)
-            .expect("within paid");
+        let txn_id =
+            self.new_txn(TxnKind::Refund, &new.refund_id, new.business_date, new.business_date, new.at, &new.setl_id)?;
+        let (changes, credits) = match self.credit_back(txn_id, &settlement, &amounts, new.business_date)? {
+            Ok(done) => done,
+            Err(decline) => return Ok(Err(decline)),
+        };
+        let refunded_total = settlement.refunded.checked_add(amount).expect("within paid");
         let status = if refunded_total == settlement.paid() {
             SettlementStatus::Refunded
         } else {
             SettlementStatus::PartiallyRefunded
         };
         self.tx
-            .prepare_cached(
-                "UPDATE settlements SET refunded_fen = ?1, status = ?2 WHERE setl_id = ?3",
-            )?
-            .execute(params![
-                refunded_total.to_fen(),
-                status.name(),
-                settlement.setl_id
-            ])?;
+            .prepare_cached("UPDATE settlements SET refunded_fen = ?1, status = ?2 WHERE setl_id = ?3")?
+            .execute(params![refunded_total.to_fen(), status.name(), settlement.setl_id])?;
         let refundable_after = settlement.paid().saturating_sub(refunded_total);
         self.tx
             .prepare_cached(
@@ -835,13 +731,7 @@ impl Writer<'_, '_> {
             request_id: command.original_request_id.clone(),
         };
         let Some(settlement) = load_settlement(self.tx, &key)? else {
-            if load_refund(
-                self.tx,
-                &command.institution_code,
-                &command.original_request_id,
-            )?
-            .is_some()
-            {
+            if load_refund(self.tx, &command.institution_code, &command.original_request_id)?.is_some() {
                 return Ok(Err(WriteDecline::RequestIdReused));
             }
             // Never seen: keep a tombstone so that a late original is refused.
@@ -859,22 +749,12 @@ impl Writer<'_, '_> {
                     ts(command.at)
                 ])?;
             let record = load_settlement(self.tx, &key)?.expect("just inserted");
-            return Ok(Ok(WriteOutcome::Reversed {
-                record,
-                changes: Vec::new(),
-            }));
+            return Ok(Ok(WriteOutcome::Reversed { record, changes: Vec::new() }));
         };
         if settlement.status == SettlementStatus::Reversed {
-            return Ok(Ok(WriteOutcome::Reversed {
-                record: settlement,
-                changes: Vec::new(),
-            }));
+            return Ok(Ok(WriteOutcome::Reversed { record: settlement, changes: Vec::new() }));
         }
-        let amounts: Vec<Money> = settlement
-            .debits
-            .iter()
-            .map(|d| d.amount.saturating_sub(d.refunded))
-            .collect();
+        let amounts: Vec<Money> = settlement.debits.iter().map(|d| d.amount.saturating_sub(d.refunded)).collect();
         let mut changes = Vec::new();
         if amounts.iter().any(|a| !a.is_zero()) {
             let txn_id = self.new_txn(
@@ -904,14 +784,8 @@ impl Writer<'_, '_> {
         if deadline_passed(new.hold_deadline_ms) {
             return Ok(Err(WriteDecline::HoldExpired));
         }
-        let txn_id = self.new_txn(
-            TxnKind::Adjustment,
-            &new.request_id,
-            new.business_date,
-            new.value_date,
-            new.at,
-            &new.reason,
-        )?;
+        let txn_id =
+            self.new_txn(TxnKind::Adjustment, &new.request_id, new.business_date, new.value_date, new.at, &new.reason)?;
         let personal = Posting {
             account_id: new.account_id,
             delta: new.delta,
@@ -923,12 +797,7 @@ impl Writer<'_, '_> {
             Ok(done) => done,
             Err(decline) => return Ok(Err(decline)),
         };
-        let other = self.system_posting(
-            SystemAccount::ManualAdjustment,
-            new.delta.negated(),
-            "",
-            &new.psn_no,
-        );
+        let other = self.system_posting(SystemAccount::ManualAdjustment, new.delta.negated(), "", &new.psn_no);
         if let Err(decline) = self.post(txn_id, new.business_date, &other)? {
             return Ok(Err(decline));
         }
@@ -957,10 +826,7 @@ impl Writer<'_, '_> {
             balance_after: change.balance_after,
             at: new.at,
         };
-        Ok(Ok(WriteOutcome::Adjusted {
-            record,
-            changes: vec![change],
-        }))
+        Ok(Ok(WriteOutcome::Adjusted { record, changes: vec![change] }))
     }
 
     fn apply(&self, write: LedgerWrite) -> Applied {
@@ -1008,13 +874,11 @@ fn commit_batch_sync(
 #[async_trait]
 impl Ledger for SqliteLedger {
     async fn commit_batch(&self, writes: Vec<LedgerWrite>) -> LedgerResult<Vec<WriteResult>> {
-        self.write(move |conn, system| commit_batch_sync(conn, system, writes))
-            .await
+        self.write(move |conn, system| commit_batch_sync(conn, system, writes)).await
     }
 
     async fn ping(&self) -> LedgerResult<()> {
-        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
-            .await
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
     async fn person(&self, psn_no: &str) -> LedgerResult<Option<PersonRecord>> {
@@ -1022,11 +886,7 @@ impl Ledger for SqliteLedger {
         self.read(move |conn| load_person(conn, &psn_no)).await
     }
 
-    async fn payer_context(
-        &self,
-        psn_no: &str,
-        today: NaiveDate,
-    ) -> LedgerResult<Option<PayerContext>> {
+    async fn payer_context(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<Option<PayerContext>> {
         let psn_no = psn_no.to_string();
         self.read(move |conn| {
             let Some(person) = load_person(conn, &psn_no)? else {
@@ -1034,9 +894,7 @@ impl Ledger for SqliteLedger {
             };
             let (pin_phc, pin_failures) = conn
                 .prepare_cached("SELECT phc, failed_count FROM pins WHERE psn_no = ?1")?
-                .query_row([&psn_no], |row| {
-                    Ok((Some(row.get::<_, String>(0)?), row.get::<_, u32>(1)?))
-                })
+                .query_row([&psn_no], |row| Ok((Some(row.get::<_, String>(0)?), row.get::<_, u32>(1)?)))
                 .optional()?
                 .unwrap_or((None, 0));
             Ok(Some(PayerContext {
@@ -1063,11 +921,7 @@ impl Ledger for SqliteLedger {
         self.read(move |conn| load_settlement(conn, &key)).await
     }
 
-    async fn refund_by_request(
-        &self,
-        institution_code: &str,
-        request_id: &str,
-    ) -> LedgerResult<Option<RefundRecord>> {
+    async fn refund_by_request(&self, institution_code: &str, request_id: &str) -> LedgerResult<Option<RefundRecord>> {
         let (code, id) = (institution_code.to_string(), request_id.to_string());
         self.read(move |conn| load_refund(conn, &code, &id)).await
     }
@@ -1097,7 +951,13 @@ impl Ledger for SqliteLedger {
                  ORDER BY p.posting_id DESC LIMIT ?5",
             )?
             .query_map(
-                params![query.account_id, query.from.map(date), query.to.map(date), query.before_entry, query.limit as i64],
+                params![
+                    query.account_id,
+                    query.from.map(date),
+                    query.to.map(date),
+                    query.before_entry,
+                    query.limit as i64
+                ],
                 |row| {
                     Ok(EntryRecord {
                         entry_id: row.get(0)?,
@@ -1169,11 +1029,7 @@ impl Ledger for SqliteLedger {
                     }),
                     None => None,
                 };
-                Ok(Principal {
-                    key_id: row.get(0)?,
-                    role: col_enum(row, 1, Role::parse)?,
-                    institution,
-                })
+                Ok(Principal { key_id: row.get(0)?, role: col_enum(row, 1, Role::parse)?, institution })
             })
             .optional()
         })
@@ -1183,18 +1039,16 @@ impl Ledger for SqliteLedger {
     async fn institution(&self, code: &str) -> LedgerResult<Option<InstitutionRecord>> {
         let code = code.to_string();
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT code, name, kind, region FROM institutions WHERE code = ?1",
-            )?
-            .query_row([code], |row| {
-                Ok(InstitutionRecord {
-                    code: row.get(0)?,
-                    name: row.get(1)?,
-                    kind: col_enum(row, 2, InstitutionKind::parse)?,
-                    region: row.get(3)?,
+            conn.prepare_cached("SELECT code, name, kind, region FROM institutions WHERE code = ?1")?
+                .query_row([code], |row| {
+                    Ok(InstitutionRecord {
+                        code: row.get(0)?,
+                        name: row.get(1)?,
+                        kind: col_enum(row, 2, InstitutionKind::parse)?,
+                        region: row.get(3)?,
+                    })
                 })
-            })
-            .optional()
+                .optional()
         })
         .await
     }
@@ -1342,10 +1196,7 @@ impl Ledger for SqliteLedger {
     async fn pin_attempt_succeeded(&self, psn_no: &str) -> LedgerResult<()> {
         let psn_no = psn_no.to_string();
         self.write(move |conn, _| {
-            conn.execute(
-                "UPDATE pins SET failed_count = 0, locked_until = NULL WHERE psn_no = ?1",
-                [psn_no],
-            )?;
+            conn.execute("UPDATE pins SET failed_count = 0, locked_until = NULL WHERE psn_no = ?1", [psn_no])?;
             Ok(())
         })
         .await
@@ -1354,10 +1205,7 @@ impl Ledger for SqliteLedger {
     async fn set_card_status(&self, psn_no: &str, status: CardStatus) -> LedgerResult<()> {
         let psn_no = psn_no.to_string();
         self.write(move |conn, _| {
-            conn.execute(
-                "UPDATE persons SET card_status = ?1 WHERE psn_no = ?2",
-                params![status.name(), psn_no],
-            )?;
+            conn.execute("UPDATE persons SET card_status = ?1 WHERE psn_no = ?2", params![status.name(), psn_no])?;
             Ok(())
         })
         .await
@@ -1366,10 +1214,7 @@ impl Ledger for SqliteLedger {
     async fn set_no_pin_tier(&self, psn_no: &str, tier: Option<&str>) -> LedgerResult<()> {
         let (psn_no, tier) = (psn_no.to_string(), tier.map(str::to_string));
         self.write(move |conn, _| {
-            conn.execute(
-                "UPDATE persons SET no_pin_tier = ?1 WHERE psn_no = ?2",
-                params![tier, psn_no],
-            )?;
+            conn.execute("UPDATE persons SET no_pin_tier = ?1 WHERE psn_no = ?2", params![tier, psn_no])?;
             Ok(())
         })
         .await
@@ -1378,19 +1223,13 @@ impl Ledger for SqliteLedger {
     async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()> {
         let psn_no = psn_no.to_string();
         self.write(move |conn, _| {
-            conn.execute(
-                "UPDATE accounts SET status = ?1 WHERE psn_no = ?2",
-                params![status.name(), psn_no],
-            )?;
+            conn.execute("UPDATE accounts SET status = ?1 WHERE psn_no = ?2", params![status.name(), psn_no])?;
             Ok(())
         })
         .await
     }
 
-    async fn register_family(
-        &self,
-        link: NewFamilyLink,
-    ) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>> {
+    async fn register_family(&self, link: NewFamilyLink) -> LedgerResult<Result<FamilyLinkRecord, AlreadyExists>> {
         self.write(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let exists = tx
@@ -1406,7 +1245,13 @@ impl Ledger for SqliteLedger {
             tx.execute(
                 "INSERT INTO family_links (owner_psn_no, member_psn_no, relation, effective_from, registered_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![link.owner_psn_no, link.member_psn_no, link.relation.name(), date(link.effective_from), ts(link.at)],
+                params![
+                    link.owner_psn_no,
+                    link.member_psn_no,
+                    link.relation.name(),
+                    date(link.effective_from),
+                    ts(link.at)
+                ],
             )?;
             // Default order: order of registration (DESIGN §1 Paying 1).
             tx.execute(
@@ -1454,7 +1299,10 @@ impl Ledger for SqliteLedger {
                     },
                 )
                 .optional()?;
-            tx.execute("DELETE FROM family_order WHERE member_psn_no = ?1 AND owner_psn_no = ?2", params![member, owner])?;
+            tx.execute(
+                "DELETE FROM family_order WHERE member_psn_no = ?1 AND owner_psn_no = ?2",
+                params![member, owner],
+            )?;
             tx.commit()?;
             Ok(revoked)
         })

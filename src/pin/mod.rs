@@ -47,15 +47,9 @@ pub struct PinCost {
 
 impl PinCost {
     /// OWASP's minimum for argon2id: m = 19 MiB, t = 2, p = 1 (~29 ms here).
-    pub const OWASP: PinCost = PinCost {
-        memory_kib: 19 * 1024,
-        passes: 2,
-    };
+    pub const OWASP: PinCost = PinCost { memory_kib: 19 * 1024, passes: 2 };
     /// For tests only: cheap, still argon2id with the pepper.
-    pub const TEST: PinCost = PinCost {
-        memory_kib: 256,
-        passes: 1,
-    };
+    pub const TEST: PinCost = PinCost { memory_kib: 256, passes: 1 };
 
     fn params(self) -> Result<Params, PinError> {
         Params::new(self.memory_kib, self.passes, 1, Some(32)).map_err(|_| PinError::BadCost)
@@ -86,10 +80,7 @@ pub struct PinHasher {
 
 impl fmt::Debug for PinHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PinHasher")
-            .field("cost", &self.cost)
-            .field("pepper", &"****")
-            .finish()
+        f.debug_struct("PinHasher").field("cost", &self.cost).field("pepper", &"****").finish()
     }
 }
 
@@ -97,11 +88,7 @@ impl PinHasher {
     /// `concurrency`: hashes running at once (the cores); more wait for a permit.
     pub fn new(pepper: Vec<u8>, cost: PinCost, concurrency: usize) -> Result<PinHasher, PinError> {
         cost.params()?;
-        Ok(PinHasher {
-            pepper: pepper.into(),
-            cost,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
-        })
+        Ok(PinHasher { pepper: pepper.into(), cost, permits: Arc::new(Semaphore::new(concurrency.max(1))) })
     }
 
     /// A PHC string for a new PIN, with a fresh salt and the configured cost.
@@ -111,8 +98,7 @@ impl PinHasher {
         let params = self.cost.params()?;
         let output = self.run(pin.clone(), salt.to_vec(), params.clone()).await?;
         let salt = SaltString::encode_b64(&salt).map_err(|_| PinError::BadStoredHash)?;
-        let output =
-            argon2::password_hash::Output::new(&output).map_err(|_| PinError::BadStoredHash)?;
+        let output = argon2::password_hash::Output::new(&output).map_err(|_| PinError::BadStoredHash)?;
         Ok(format!(
             "$argon2id$v=19$m={},t={},p={}${}${}",
             params.m_cost(),
@@ -134,37 +120,20 @@ impl PinHasher {
             .decode_b64(&mut salt_buf)
             .map_err(|_| PinError::BadStoredHash)?;
         let expected = parsed.hash.ok_or(PinError::BadStoredHash)?;
-        let params = Params::new(
-            params.m_cost(),
-            params.t_cost(),
-            params.p_cost(),
-            Some(expected.len()),
-        )
-        .map_err(|_| PinError::BadStoredHash)?;
+        let params = Params::new(params.m_cost(), params.t_cost(), params.p_cost(), Some(expected.len()))
+            .map_err(|_| PinError::BadStoredHash)?;
         let actual = self.run(pin.clone(), salt.to_vec(), params).await?;
         // Constant time: every byte is compared whatever the first difference.
-        let differences = actual
-            .iter()
-            .zip(expected.as_bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let differences = actual.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         Ok(differences == 0 && actual.len() == expected.len())
     }
 
     async fn run(&self, pin: Secret, salt: Vec<u8>, params: Params) -> Result<Vec<u8>, PinError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| PinError::TaskFailed)?;
+        let _permit = self.permits.acquire().await.map_err(|_| PinError::TaskFailed)?;
         let pepper = self.pepper.clone();
         tokio::task::spawn_blocking(move || {
-            let argon = Argon2::new_with_secret(
-                &pepper,
-                Algorithm::Argon2id,
-                Version::V0x13,
-                params.clone(),
-            )
-            .map_err(|_| PinError::BadCost)?;
+            let argon = Argon2::new_with_secret(&pepper, Algorithm::Argon2id, Version::V0x13, params.clone())
+                .map_err(|_| PinError::BadCost)?;
             let mut output = vec![0u8; params.output_len().unwrap_or(32)];
             BLOCKS.with(|blocks| {
                 let mut blocks = blocks.borrow_mut();

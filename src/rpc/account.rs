@@ -22,30 +22,16 @@ impl Services {
 
     async fn balance_pb(&self, psn_no: &str) -> Outcome<pb::Balance> {
         let view = accounts::balance(&self.gateway, psn_no).await?;
-        Ok(balance_to_pb(
-            &view.person,
-            view.available,
-            self.gateway.clock.today(),
-        ))
+        Ok(balance_to_pb(&view.person, view.available, self.gateway.clock.today()))
     }
 }
 
-fn balance_to_pb(
-    person: &PersonRecord,
-    available: crate::domain::Money,
-    today: chrono::NaiveDate,
-) -> pb::Balance {
+fn balance_to_pb(person: &PersonRecord, available: crate::domain::Money, today: chrono::NaiveDate) -> pb::Balance {
     pb::Balance {
         psn_no: person.psn_no.clone(),
-        balance: person
-            .account
-            .as_ref()
-            .map(|a| a.balance)
-            .unwrap_or_default()
-            .to_string(),
+        balance: person.account.as_ref().map(|a| a.balance).unwrap_or_default().to_string(),
         available: available.to_string(),
-        account_status: convert::account_status_to_pb(person.account.as_ref().map(|a| a.status))
-            as i32,
+        account_status: convert::account_status_to_pb(person.account.as_ref().map(|a| a.status)) as i32,
         card_status: convert::card_status_to_pb(person.card_status) as i32,
         no_pin_tier: person.no_pin_tier.clone().unwrap_or_else(|| "NONE".into()),
         pin_set: person.pin_set,
@@ -80,18 +66,12 @@ fn family_to_pb(
                 && record.account_status == crate::domain::AccountStatus::Open,
         });
     }
-    pb::ListFamilyResponse {
-        members: view.members.iter().map(family_link_to_pb).collect(),
-        usable_accounts: usable,
-    }
+    pb::ListFamilyResponse { members: view.members.iter().map(family_link_to_pb).collect(), usable_accounts: usable }
 }
 
 #[tonic::async_trait]
 impl AccountService for Services {
-    async fn get_balance(
-        &self,
-        request: Request<pb::GetBalanceRequest>,
-    ) -> Result<Response<pb::Balance>, Status> {
+    async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::Balance>, Status> {
         let caller = self.caller(&request).await?;
         caller.require(&[Role::Service, Role::Operator, Role::Institution])?;
         let psn_no = convert::psn_no("psn_no", &request.get_ref().psn_no)?;
@@ -115,43 +95,29 @@ impl AccountService for Services {
         let before = if body.page_token.is_empty() {
             None
         } else {
-            Some(body.page_token.parse::<i64>().map_err(|_| {
-                Failure::invalid("page_token", "is not a token from a previous page")
-            })?)
+            Some(
+                body.page_token
+                    .parse::<i64>()
+                    .map_err(|_| Failure::invalid("page_token", "is not a token from a previous page"))?,
+            )
         };
-        let (entries, next) = accounts::entries(
-            &self.gateway,
-            &psn_no,
-            from,
-            to,
-            body.page_size as usize,
-            before,
-        )
-        .await?;
+        let (entries, next) =
+            accounts::entries(&self.gateway, &psn_no, from, to, body.page_size as usize, before).await?;
         Ok(Response::new(pb::ListEntriesResponse {
             entries: entries.iter().map(convert::entry_to_pb).collect(),
             next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 
-    async fn set_pin(
-        &self,
-        request: Request<pb::SetPinRequest>,
-    ) -> Result<Response<pb::PinResponse>, Status> {
+    async fn set_pin(&self, request: Request<pb::SetPinRequest>) -> Result<Response<pb::PinResponse>, Status> {
         self.self_service(&request).await?;
         let body = request.get_ref();
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
         accounts::set_pin(&self.gateway, &psn_no, &Secret::new(body.new_pin.clone())).await?;
-        Ok(Response::new(pb::PinResponse {
-            psn_no,
-            pin_set: true,
-        }))
+        Ok(Response::new(pb::PinResponse { psn_no, pin_set: true }))
     }
 
-    async fn change_pin(
-        &self,
-        request: Request<pb::ChangePinRequest>,
-    ) -> Result<Response<pb::PinResponse>, Status> {
+    async fn change_pin(&self, request: Request<pb::ChangePinRequest>) -> Result<Response<pb::PinResponse>, Status> {
         self.self_service(&request).await?;
         let body = request.get_ref();
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
@@ -162,10 +128,7 @@ impl AccountService for Services {
             &Secret::new(body.new_pin.clone()),
         )
         .await?;
-        Ok(Response::new(pb::PinResponse {
-            psn_no,
-            pin_set: true,
-        }))
+        Ok(Response::new(pb::PinResponse { psn_no, pin_set: true }))
     }
 
     async fn list_no_pin_tiers(
@@ -198,13 +161,7 @@ impl AccountService for Services {
         self.self_service(&request).await?;
         let body = request.get_ref();
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
-        accounts::set_no_pin_tier(
-            &self.gateway,
-            &psn_no,
-            &Secret::new(body.pin.clone()),
-            &body.tier,
-        )
-        .await?;
+        accounts::set_no_pin_tier(&self.gateway, &psn_no, &Secret::new(body.pin.clone()), &body.tier).await?;
         Ok(Response::new(self.balance_pb(&psn_no).await?))
     }
 
@@ -218,10 +175,7 @@ impl AccountService for Services {
         Ok(Response::new(self.balance_pb(&psn_no).await?))
     }
 
-    async fn restore_card(
-        &self,
-        request: Request<pb::RestoreCardRequest>,
-    ) -> Result<Response<pb::Balance>, Status> {
+    async fn restore_card(&self, request: Request<pb::RestoreCardRequest>) -> Result<Response<pb::Balance>, Status> {
         self.self_service(&request).await?;
         let body = request.get_ref();
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
@@ -262,12 +216,7 @@ impl AccountService for Services {
         let psn_no = convert::psn_no("psn_no", &request.get_ref().psn_no)?;
         let (person, view) = accounts::family(&self.gateway, &psn_no).await?;
         let start = self.gateway.policy(&person.region)?.family_start_date;
-        Ok(Response::new(family_to_pb(
-            &view,
-            &person,
-            self.gateway.clock.today(),
-            start,
-        )))
+        Ok(Response::new(family_to_pb(&view, &person, self.gateway.clock.today(), start)))
     }
 
     async fn set_deduction_order(
@@ -284,11 +233,6 @@ impl AccountService for Services {
             .collect::<Outcome<Vec<_>>>()?;
         let (person, view) = accounts::set_deduction_order(&self.gateway, &member, &owners).await?;
         let start = self.gateway.policy(&person.region)?.family_start_date;
-        Ok(Response::new(family_to_pb(
-            &view,
-            &person,
-            self.gateway.clock.today(),
-            start,
-        )))
+        Ok(Response::new(family_to_pb(&view, &person, self.gateway.clock.today(), start)))
     }
 }

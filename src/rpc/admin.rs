@@ -27,23 +27,14 @@ fn person_to_pb(person: &PersonRecord) -> pb::Person {
         region: person.region.clone(),
         category: convert::person_category_to_pb(person.category) as i32,
         status: convert::insurance_status_to_pb(person.status) as i32,
-        account_status: convert::account_status_to_pb(person.account.as_ref().map(|a| a.status))
-            as i32,
-        balance: person
-            .account
-            .as_ref()
-            .map(|a| a.balance)
-            .unwrap_or_default()
-            .to_string(),
+        account_status: convert::account_status_to_pb(person.account.as_ref().map(|a| a.status)) as i32,
+        balance: person.account.as_ref().map(|a| a.balance).unwrap_or_default().to_string(),
     }
 }
 
 #[tonic::async_trait]
 impl AdminService for Services {
-    async fn upsert_person(
-        &self,
-        request: Request<pb::UpsertPersonRequest>,
-    ) -> Result<Response<pb::Person>, Status> {
+    async fn upsert_person(&self, request: Request<pb::UpsertPersonRequest>) -> Result<Response<pb::Person>, Status> {
         self.operator(&request).await?;
         let body = request.get_ref();
         let upsert = PersonUpsert {
@@ -68,13 +59,9 @@ impl AdminService for Services {
         let name = convert::text("name", &body.name, true)?;
         let kind = convert::institution_kind(body.kind)?;
         let region = convert::region("region", &body.region)?;
-        let api_key =
-            admin::register_institution(&self.gateway, &code, &name, kind, &region).await?;
+        let api_key = admin::register_institution(&self.gateway, &code, &name, kind, &region).await?;
         tracing::info!(%code, %kind, "institution registered");
-        Ok(Response::new(pb::RegisterInstitutionResponse {
-            code,
-            api_key,
-        }))
+        Ok(Response::new(pb::RegisterInstitutionResponse { code, api_key }))
     }
 
     async fn issue_api_key(
@@ -90,10 +77,7 @@ impl AdminService for Services {
         Ok(Response::new(pb::IssueApiKeyResponse { key_id, api_key }))
     }
 
-    async fn adjust(
-        &self,
-        request: Request<pb::AdjustRequest>,
-    ) -> Result<Response<pb::AdjustResponse>, Status> {
+    async fn adjust(&self, request: Request<pb::AdjustRequest>) -> Result<Response<pb::AdjustResponse>, Status> {
         self.operator(&request).await?;
         let body = request.get_ref();
         let credit = match pb::AdjustDirection::try_from(body.direction) {
@@ -161,43 +145,29 @@ impl AdminService for Services {
         Err(unimplemented("TransferOut"))
     }
 
-    async fn transfer_in(
-        &self,
-        _: Request<pb::TransferInRequest>,
-    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+    async fn transfer_in(&self, _: Request<pb::TransferInRequest>) -> Result<Response<pb::LifecycleResponse>, Status> {
         Err(unimplemented("TransferIn"))
     }
 
-    async fn liquidate(
-        &self,
-        _: Request<pb::LiquidateRequest>,
-    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+    async fn liquidate(&self, _: Request<pb::LiquidateRequest>) -> Result<Response<pb::LifecycleResponse>, Status> {
         Err(unimplemented("Liquidate"))
     }
 
-    async fn reset_pin(
-        &self,
-        request: Request<pb::ResetPinRequest>,
-    ) -> Result<Response<pb::ResetPinResponse>, Status> {
+    async fn reset_pin(&self, request: Request<pb::ResetPinRequest>) -> Result<Response<pb::ResetPinResponse>, Status> {
         self.operator(&request).await?;
         let body = request.get_ref();
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
-        crate::accounts::reset_pin(&self.gateway, &psn_no, &Secret::new(body.new_pin.clone()))
-            .await?;
+        crate::accounts::reset_pin(&self.gateway, &psn_no, &Secret::new(body.new_pin.clone())).await?;
         tracing::info!(psn_no = %crate::domain::mask_psn_no(&psn_no), "PIN reset by an operator");
         Ok(Response::new(pb::ResetPinResponse { psn_no }))
     }
 
-    async fn freeze_account(
-        &self,
-        request: Request<pb::FreezeAccountRequest>,
-    ) -> Result<Response<pb::Person>, Status> {
+    async fn freeze_account(&self, request: Request<pb::FreezeAccountRequest>) -> Result<Response<pb::Person>, Status> {
         self.operator(&request).await?;
         let body = request.get_ref();
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
         convert::text("reason", &body.reason, false)?;
-        let person =
-            admin::set_account_status(&self.gateway, &psn_no, AccountStatus::Frozen).await?;
+        let person = admin::set_account_status(&self.gateway, &psn_no, AccountStatus::Frozen).await?;
         Ok(Response::new(person_to_pb(&person)))
     }
 

@@ -2,23 +2,18 @@
 
 use super::pb;
 use crate::domain::{
-    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus,
-    Money, PayMode, PersonCategory, Relation, Role, SettlementStatus, TxnKind,
+    AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PayMode,
+    PersonCategory, Relation, Role, SettlementStatus, TxnKind,
 };
 use crate::error::{Failure, Outcome};
-use crate::ledger::{
-    DebitLine, DebitRecord, EntryRecord, FamilyLinkRecord, RefundRecord, SettlementRecord,
-};
+use crate::ledger::{DebitLine, DebitRecord, EntryRecord, FamilyLinkRecord, RefundRecord, SettlementRecord};
 use chrono::{DateTime, NaiveDate, Utc};
 
 pub const REQUEST_ID_LEN_MAX: usize = 64;
 const TEXT_LEN_MAX: usize = 128;
 
 pub fn timestamp(at: DateTime<Utc>) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    })
+    Some(prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 })
 }
 
 pub fn money(field: &str, text: &str) -> Outcome<Money> {
@@ -48,10 +43,7 @@ pub fn request_id(field: &str, text: &str) -> Outcome<String> {
         return Err(Failure::invalid(field, "is required"));
     }
     if text.len() > REQUEST_ID_LEN_MAX || !text.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Failure::invalid(
-            field,
-            format!("must be 1–{REQUEST_ID_LEN_MAX} printable ASCII characters"),
-        ));
+        return Err(Failure::invalid(field, format!("must be 1–{REQUEST_ID_LEN_MAX} printable ASCII characters")));
     }
     Ok(text.to_string())
 }
@@ -87,10 +79,7 @@ pub fn optional_date(field: &str, text: &str) -> Outcome<Option<NaiveDate>> {
 
 pub fn region(field: &str, text: &str) -> Outcome<String> {
     if !crate::domain::is_region_code(text) {
-        return Err(Failure::invalid(
-            field,
-            "must be a 6-digit region code like 110000",
-        ));
+        return Err(Failure::invalid(field, "must be a 6-digit region code like 110000"));
     }
     Ok(text.to_string())
 }

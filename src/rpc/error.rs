@@ -11,13 +11,9 @@ pub const DOMAIN: &str = "yibao.v1";
 
 pub fn code(reason: Reason) -> Code {
     match reason {
-        Reason::InvalidAmount | Reason::InvalidArgument | Reason::PinTooWeak => {
-            Code::InvalidArgument
-        }
+        Reason::InvalidAmount | Reason::InvalidArgument | Reason::PinTooWeak => Code::InvalidArgument,
         Reason::Unauthenticated => Code::Unauthenticated,
-        Reason::PermissionDenied | Reason::PinIncorrect | Reason::PinLocked => {
-            Code::PermissionDenied
-        }
+        Reason::PermissionDenied | Reason::PinIncorrect | Reason::PinLocked => Code::PermissionDenied,
         Reason::UnknownPerson | Reason::NotFound => Code::NotFound,
         Reason::RequestIdReused | Reason::AlreadyExists => Code::AlreadyExists,
         Reason::BackendUnavailable => Code::Unavailable,
@@ -39,17 +35,13 @@ pub fn code(reason: Reason) -> Code {
 }
 
 pub fn to_status(failure: Failure) -> Status {
-    let metadata: HashMap<String, String> = failure
-        .metadata
-        .iter()
-        .map(|(key, value)| (key.replace('-', "_"), value.clone()))
-        .collect();
+    let metadata: HashMap<String, String> =
+        failure.metadata.iter().map(|(key, value)| (key.replace('-', "_"), value.clone())).collect();
     let mut details = ErrorDetails::with_error_info(failure.reason.name(), DOMAIN, metadata);
     if let Some(field) = &failure.field {
         details.add_bad_request_violation(field.clone(), failure.message.clone());
     }
-    let mut status =
-        Status::with_error_details(code(failure.reason), failure.message.clone(), details);
+    let mut status = Status::with_error_details(code(failure.reason), failure.message.clone(), details);
     for (key, value) in &failure.metadata {
         if let (Ok(key), Ok(value)) = (
             tonic::metadata::AsciiMetadataKey::from_bytes(key.as_bytes()),

@@ -32,10 +32,7 @@ pub struct Services {
 
 impl Services {
     pub async fn caller<T>(&self, request: &tonic::Request<T>) -> Outcome<Principal> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok());
+        let header = request.metadata().get("authorization").and_then(|value| value.to_str().ok());
         self.auth.authenticate(header).await
     }
 }

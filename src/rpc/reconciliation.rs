@@ -16,8 +16,7 @@ impl ReconciliationService for Services {
         Err(unimplemented("DailyTotals"))
     }
 
-    type DailyDetailsStream =
-        Pin<Box<dyn Stream<Item = Result<pb::DailyDetail, Status>> + Send + 'static>>;
+    type DailyDetailsStream = Pin<Box<dyn Stream<Item = Result<pb::DailyDetail, Status>> + Send + 'static>>;
 
     async fn daily_details(
         &self,

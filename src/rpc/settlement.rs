@@ -32,24 +32,15 @@ fn settle_command(request: &pb::SettleRequest) -> Outcome<SettleCommand> {
 
 #[tonic::async_trait]
 impl SettlementService for Services {
-    async fn pre_settle(
-        &self,
-        request: Request<pb::SettleRequest>,
-    ) -> Result<Response<pb::Settlement>, Status> {
+    async fn pre_settle(&self, request: Request<pb::SettleRequest>) -> Result<Response<pb::Settlement>, Status> {
         let caller = self.caller(&request).await?;
         let institution = caller.institution()?;
         let command = settle_command(request.get_ref())?;
         let answer = settle::pre_settle(&self.gateway, institution, command).await?;
-        Ok(Response::new(settlement_to_pb(
-            &answer.record,
-            answer.pin_required,
-        )))
+        Ok(Response::new(settlement_to_pb(&answer.record, answer.pin_required)))
     }
 
-    async fn settle(
-        &self,
-        request: Request<pb::SettleRequest>,
-    ) -> Result<Response<pb::Settlement>, Status> {
+    async fn settle(&self, request: Request<pb::SettleRequest>) -> Result<Response<pb::Settlement>, Status> {
         let caller = self.caller(&request).await?;
         let institution = caller.institution()?;
         let command = settle_command(request.get_ref())?;
@@ -65,31 +56,19 @@ impl SettlementService for Services {
             }
         }
         let answer = result?;
-        Ok(Response::new(settlement_to_pb(
-            &answer.record,
-            answer.pin_required,
-        )))
+        Ok(Response::new(settlement_to_pb(&answer.record, answer.pin_required)))
     }
 
-    async fn reverse(
-        &self,
-        request: Request<pb::ReverseRequest>,
-    ) -> Result<Response<pb::Settlement>, Status> {
+    async fn reverse(&self, request: Request<pb::ReverseRequest>) -> Result<Response<pb::Settlement>, Status> {
         let caller = self.caller(&request).await?;
         let institution = caller.institution()?;
-        let original = convert::request_id(
-            "original_request_id",
-            &request.get_ref().original_request_id,
-        )?;
+        let original = convert::request_id("original_request_id", &request.get_ref().original_request_id)?;
         let record = settle::refund::reverse(&self.gateway, institution, original).await?;
         tracing::info!(institution = %institution.code, request_id = %record.request_id, tombstone = record.tombstone, "reversed");
         Ok(Response::new(settlement_to_pb(&record, false)))
     }
 
-    async fn refund(
-        &self,
-        request: Request<pb::RefundRequest>,
-    ) -> Result<Response<pb::Refund>, Status> {
+    async fn refund(&self, request: Request<pb::RefundRequest>) -> Result<Response<pb::Refund>, Status> {
         let caller = self.caller(&request).await?;
         let institution = caller.institution()?;
         let body = request.get_ref();

@@ -30,83 +30,39 @@ pub fn decide(
     let exempt = policy.pin_exempt_channels.contains(&channel)
         && !(channel == Channel::Registration && draw > policy.registration_cap);
     if exempt {
-        return Decision {
-            method: AuthMethod::ChannelExempt,
-            pin_required: false,
-            no_pin_daily_max: None,
-        };
+        return Decision { method: AuthMethod::ChannelExempt, pin_required: false, no_pin_daily_max: None };
     }
     let tier = tier_name.and_then(|name| policy.tier(name)).filter(|tier| {
-        draw <= tier.per_payment_max
-            && no_pin_used_today
-                .checked_add(draw)
-                .is_some_and(|total| total <= tier.daily_max)
+        draw <= tier.per_payment_max && no_pin_used_today.checked_add(draw).is_some_and(|total| total <= tier.daily_max)
     });
     match (pin_given, tier) {
-        (false, Some(tier)) => Decision {
-            method: AuthMethod::NoPinLimit,
-            pin_required: false,
-            no_pin_daily_max: Some(tier.daily_max),
-        },
-        (true, Some(_)) => Decision {
-            method: AuthMethod::Pin,
-            pin_required: false,
-            no_pin_daily_max: None,
-        },
-        (_, None) => Decision {
-            method: AuthMethod::Pin,
-            pin_required: true,
-            no_pin_daily_max: None,
-        },
+        (false, Some(tier)) => {
+            Decision { method: AuthMethod::NoPinLimit, pin_required: false, no_pin_daily_max: Some(tier.daily_max) }
+        }
+        (true, Some(_)) => Decision { method: AuthMethod::Pin, pin_required: false, no_pin_daily_max: None },
+        (_, None) => Decision { method: AuthMethod::Pin, pin_required: true, no_pin_daily_max: None },
     }
 }
 
 /// Checks the payer's PIN against the stored hash. The attempt is counted durably before the
 /// hash is computed, so concurrent guesses cannot exceed the lockout count.
-pub async fn verify_pin(
-    gateway: &Gateway,
-    policy: &RegionPolicy,
-    psn_no: &str,
-    pin: &Secret,
-) -> Outcome<()> {
+pub async fn verify_pin(gateway: &Gateway, policy: &RegionPolicy, psn_no: &str, pin: &Secret) -> Outcome<()> {
     if !pin::is_well_formed(pin.expose(), policy.pin_length) {
-        return Err(Failure::invalid(
-            "pin",
-            format!("must be {} digits", policy.pin_length),
-        ));
+        return Err(Failure::invalid("pin", format!("must be {} digits", policy.pin_length)));
     }
     let today = gateway.clock.today();
-    let failures = match gateway
-        .ledger
-        .pin_attempt_begin(psn_no, today, policy.pin_lockout_failures)
-        .await?
-    {
-        PinAttempt::NotSet => {
-            return Err(Failure::new(
-                Reason::PinNotSet,
-                "no payment PIN is set for this person",
-            ))
-        }
+    let failures = match gateway.ledger.pin_attempt_begin(psn_no, today, policy.pin_lockout_failures).await? {
+        PinAttempt::NotSet => return Err(Failure::new(Reason::PinNotSet, "no payment PIN is set for this person")),
         PinAttempt::Locked { until } => {
-            return Err(Failure::new(
-                Reason::PinLocked,
-                format!("PIN payments are locked until {until}"),
-            )
-            .with_metadata("locked-until", until))
+            return Err(Failure::new(Reason::PinLocked, format!("PIN payments are locked until {until}"))
+                .with_metadata("locked-until", until))
         }
         PinAttempt::Proceed { failures } => failures,
     };
     // Read the hash after counting, so a concurrent ChangePin cannot be verified against stale data.
-    let phc = gateway
-        .ledger
-        .payer_context(psn_no, today)
-        .await?
-        .and_then(|ctx| ctx.pin_phc);
+    let phc = gateway.ledger.payer_context(psn_no, today).await?.and_then(|ctx| ctx.pin_phc);
     let Some(phc) = phc else {
-        return Err(Failure::new(
-            Reason::PinNotSet,
-            "no payment PIN is set for this person",
-        ));
+        return Err(Failure::new(Reason::PinNotSet, "no payment PIN is set for this person"));
     };
     let matches = gateway.pins.verify(pin, &phc).await.map_err(|error| {
         tracing::error!(%error, "PIN verification failed");
@@ -117,11 +73,8 @@ pub async fn verify_pin(
         return Ok(());
     }
     let left = policy.pin_lockout_failures.saturating_sub(failures);
-    Err(Failure::new(
-        Reason::PinIncorrect,
-        format!("wrong PIN; {left} attempts left before PIN payments lock"),
-    )
-    .with_metadata("attempts-left", left))
+    Err(Failure::new(Reason::PinIncorrect, format!("wrong PIN; {left} attempts left before PIN payments lock"))
+        .with_metadata("attempts-left", left))
 }
 
 #[cfg(test)]
@@ -137,50 +90,17 @@ mod tests {
     fn decisions_follow_policy() {
         let policies = Policies::builtin();
         let beijing = policies.region("110000").unwrap();
-        let decide_card = |draw, tier, used, pin| {
-            decide(beijing, Channel::Card, yuan(draw), tier, yuan(used), pin)
-        };
+        let decide_card = |draw, tier, used, pin| decide(beijing, Channel::Card, yuan(draw), tier, yuan(used), pin);
         assert_eq!(
-            decide(
-                beijing,
-                Channel::EVoucher,
-                yuan("900"),
-                None,
-                Money::ZERO,
-                false
-            )
-            .method,
+            decide(beijing, Channel::EVoucher, yuan("900"), None, Money::ZERO, false).method,
             AuthMethod::ChannelExempt
         );
         // Registration above the cap is not exempt.
-        assert!(
-            decide(
-                beijing,
-                Channel::Registration,
-                yuan("100.01"),
-                None,
-                Money::ZERO,
-                false
-            )
-            .pin_required
-        );
-        assert!(
-            !decide(
-                beijing,
-                Channel::Registration,
-                yuan("100.00"),
-                None,
-                Money::ZERO,
-                false
-            )
-            .pin_required
-        );
+        assert!(decide(beijing, Channel::Registration, yuan("100.01"), None, Money::ZERO, false).pin_required);
+        assert!(!decide(beijing, Channel::Registration, yuan("100.00"), None, Money::ZERO, false).pin_required);
         assert!(decide_card("1", None, "0", false).pin_required);
         let tier = decide_card("200", Some("T200"), "300", false);
-        assert_eq!(
-            (tier.method, tier.no_pin_daily_max),
-            (AuthMethod::NoPinLimit, Some(yuan("500")))
-        );
+        assert_eq!((tier.method, tier.no_pin_daily_max), (AuthMethod::NoPinLimit, Some(yuan("500"))));
         assert!(decide_card("200.01", Some("T200"), "0", false).pin_required);
         assert!(decide_card("200", Some("T200"), "300.01", false).pin_required);
         assert_eq!(decide_card("999", None, "0", true).method, AuthMethod::Pin);

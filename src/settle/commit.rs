@@ -52,12 +52,7 @@ impl Committer {
     /// Queues one write and waits for its outcome.
     pub async fn commit(&self, write: LedgerWrite) -> LedgerResult<WriteResult> {
         let (reply, outcome) = oneshot::channel();
-        self.queue
-            .send((write, reply))
-            .await
-            .map_err(|_| LedgerUnavailable("committer stopped".into()))?;
-        outcome
-            .await
-            .map_err(|_| LedgerUnavailable("committer stopped".into()))?
+        self.queue.send((write, reply)).await.map_err(|_| LedgerUnavailable("committer stopped".into()))?;
+        outcome.await.map_err(|_| LedgerUnavailable("committer stopped".into()))?
     }
 }

@@ -13,14 +13,12 @@ pub mod sweeper;
 
 use crate::domain::plan::{self, Insufficient};
 use crate::domain::{
-    mask_psn_no, AccountStatus, CardStatus, Category, Channel, InsuranceStatus, Money, PayMode,
-    SettlementStatus,
+    mask_psn_no, AccountStatus, CardStatus, Category, Channel, InsuranceStatus, Money, PayMode, SettlementStatus,
 };
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::{digest, Gateway};
 use crate::ledger::{
-    AccountRecord, DebitRecord, InstitutionRecord, NewSettlement, PayerContext, SettlementKey,
-    SettlementRecord,
+    AccountRecord, DebitRecord, InstitutionRecord, NewSettlement, PayerContext, SettlementKey, SettlementRecord,
 };
 use crate::pin::Secret;
 use std::sync::Arc;
@@ -95,22 +93,13 @@ pub async fn settle(
 /// The answer to a request id that was seen before.
 pub fn replay(existing: SettlementRecord, fingerprint: &str) -> Outcome<Answer> {
     if existing.tombstone || existing.status == SettlementStatus::Reversed {
-        return Err(Failure::new(
-            Reason::OriginalReversed,
-            "this request was reversed (冲正) and cannot be settled",
-        ));
+        return Err(Failure::new(Reason::OriginalReversed, "this request was reversed (冲正) and cannot be settled"));
     }
     if existing.fingerprint != fingerprint {
-        return Err(Failure::new(
-            Reason::RequestIdReused,
-            "request_id was used before for a different request",
-        ));
+        return Err(Failure::new(Reason::RequestIdReused, "request_id was used before for a different request"));
     }
     let pin_required = existing.auth_method == Some(crate::domain::AuthMethod::Pin);
-    Ok(Answer {
-        record: existing,
-        pin_required,
-    })
+    Ok(Answer { record: existing, pin_required })
 }
 
 async fn run(
@@ -120,26 +109,50 @@ async fn run(
     dry_run: bool,
 ) -> Outcome<Answer> {
     let fingerprint = command.fingerprint();
-    let key = SettlementKey::Request {
-        institution_code: institution.code.clone(),
-        request_id: command.request_id.clone(),
-    };
-    if !dry_run {
-        if let Some(existing) = gateway.ledger.settlement(key).await? {
+    if dry_run {
+        return attempt(gateway, institution, command, &fingerprint, true).await;
+    }
+    // The fast path: a replay the cache remembers is answered from the ledger's record.
+    if let Ok(Some(setl_id)) = gateway.cache.recall_request(&institution.code, &command.request_id).await {
+        if let Some(existing) = gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
             return replay(existing, &fingerprint);
         }
     }
+    let key =
+        SettlementKey::Request { institution_code: institution.code.clone(), request_id: command.request_id.clone() };
+    let request_id = command.request_id.clone();
+    match attempt(gateway, institution, command, &fingerprint, false).await {
+        Ok(answer) => {
+            if let Err(error) =
+                gateway.cache.remember_request(&institution.code, &request_id, &answer.record.setl_id).await
+            {
+                tracing::debug!(%error, "could not remember a request id; replays take the slow path");
+            }
+            Ok(answer)
+        }
+        // A decline may answer a retry of a request the cache forgot: the ledger decides. (A new
+        // request that commits is checked by the ledger's unique key inside the commit.)
+        Err(failure) if !matches!(failure.reason, Reason::BackendUnavailable | Reason::Internal) => {
+            match gateway.ledger.settlement(key).await? {
+                Some(existing) => replay(existing, &fingerprint),
+                None => Err(failure),
+            }
+        }
+        Err(failure) => Err(failure),
+    }
+}
+
+async fn attempt(
+    gateway: &Arc<Gateway>,
+    institution: &InstitutionRecord,
+    command: SettleCommand,
+    fingerprint: &str,
+    dry_run: bool,
+) -> Outcome<Answer> {
     let today = gateway.clock.today();
-    let context = gateway
-        .ledger
-        .payer_context(&command.psn_no, today)
-        .await?
-        .ok_or_else(|| {
-            Failure::new(
-                Reason::UnknownPerson,
-                format!("person {} is not known", mask_psn_no(&command.psn_no)),
-            )
-        })?;
+    let context = gateway.ledger.payer_context(&command.psn_no, today).await?.ok_or_else(|| {
+        Failure::new(Reason::UnknownPerson, format!("person {} is not known", mask_psn_no(&command.psn_no)))
+    })?;
     let policy = gateway.policy(&context.person.region)?.clone();
 
     // Scope: channel and category per institution kind (001 §11, DESIGN §1 Paying 8).
@@ -147,10 +160,7 @@ async fn run(
     if !rules.channels.contains(&command.channel) {
         return Err(Failure::new(
             Reason::ChannelNotAllowed,
-            format!(
-                "channel {} is not allowed for a {}",
-                command.channel, institution.kind
-            ),
+            format!("channel {} is not allowed for a {}", command.channel, institution.kind),
         ));
     }
     if !rules.categories.contains(&command.category)
@@ -165,47 +175,27 @@ async fn run(
         ));
     }
     if command.channel == Channel::Card && context.person.card_status == CardStatus::Lost {
-        return Err(Failure::new(
-            Reason::CardLost,
-            "the card is reported lost; pay with the e-voucher",
-        ));
+        return Err(Failure::new(Reason::CardLost, "the card is reported lost; pay with the e-voucher"));
     }
     if command.channel == Channel::EVoucher && command.ec_token.is_empty() {
-        return Err(Failure::invalid(
-            "ec_token",
-            "is required on the e-voucher channel",
-        ));
+        return Err(Failure::invalid("ec_token", "is required on the e-voucher channel"));
     }
 
     let premium = command.category == Category::Premium;
     if !premium && !command.beneficiary_psn_no.is_empty() {
-        return Err(Failure::invalid(
-            "beneficiary_psn_no",
-            "is only for CATEGORY_PREMIUM",
-        ));
+        return Err(Failure::invalid("beneficiary_psn_no", "is only for CATEGORY_PREMIUM"));
     }
-    if premium
-        && !command.beneficiary_psn_no.is_empty()
-        && command.beneficiary_psn_no != command.psn_no
-    {
+    if premium && !command.beneficiary_psn_no.is_empty() && command.beneficiary_psn_no != command.psn_no {
         check_premium_beneficiary(gateway, &command, today).await?;
     }
 
     let sources = sources(&context, &command, &policy, today)?;
     let available = available(gateway, &sources).await?;
     // Premiums are all or nothing (002 Q6), whatever mode was asked for.
-    let mode = if premium {
-        PayMode::FullOnly
-    } else {
-        command.mode
-    };
-    let plan =
-        plan::plan(command.amount, mode, &available).map_err(|Insufficient { .. }| {
-            Failure::new(
-                Reason::InsufficientBalance,
-                "the accounts cannot cover this full-only payment",
-            )
-        })?;
+    let mode = if premium { PayMode::FullOnly } else { command.mode };
+    let plan = plan::plan(command.amount, mode, &available).map_err(|Insufficient { .. }| {
+        Failure::new(Reason::InsufficientBalance, "the accounts cannot cover this full-only payment")
+    })?;
 
     let decision = authenticate::decide(
         &policy,
@@ -217,26 +207,13 @@ async fn run(
     );
     let now = gateway.clock.now();
     if dry_run {
-        return Ok(planned_answer(
-            institution,
-            &command,
-            &sources,
-            &plan,
-            decision,
-            &context,
-            now,
-        ));
+        return Ok(planned_answer(institution, &command, &sources, &plan, decision, &context, now));
     }
     match (&command.pin, decision.pin_required) {
         (Some(pin), _) if decision.method == crate::domain::AuthMethod::Pin => {
             authenticate::verify_pin(gateway, &policy, &command.psn_no, pin).await?
         }
-        (None, true) => {
-            return Err(Failure::new(
-                Reason::PinRequired,
-                "this payment needs the payer's PIN",
-            ))
-        }
+        (None, true) => return Err(Failure::new(Reason::PinRequired, "this payment needs the payer's PIN")),
         _ => {}
     }
 
@@ -244,7 +221,7 @@ async fn run(
         setl_id: String::new(), // each attempt of the critical section takes a fresh one
         institution_code: institution.code.clone(),
         request_id: command.request_id.clone(),
-        fingerprint: fingerprint.clone(),
+        fingerprint: fingerprint.to_string(),
         psn_no: command.psn_no.clone(),
         amount: command.amount,
         channel: command.channel,
@@ -260,13 +237,7 @@ async fn run(
         at: now,
     };
     // The critical section runs to completion even if this future is dropped.
-    let task = tokio::spawn(reserve::run(
-        gateway.clone(),
-        new,
-        sources,
-        plan.total,
-        mode,
-    ));
+    let task = tokio::spawn(reserve::run(gateway.clone(), new, sources, plan.total, mode));
     let record = match task.await {
         Ok(outcome) => outcome?,
         Err(join_error) => {
@@ -274,10 +245,7 @@ async fn run(
             return Err(Failure::new(Reason::Internal, "settlement task failed"));
         }
     };
-    replay(record, &fingerprint).map(|answer| Answer {
-        pin_required: decision.pin_required,
-        ..answer
-    })
+    replay(record, fingerprint).map(|answer| Answer { pin_required: decision.pin_required, ..answer })
 }
 
 /// A premium for somebody else: only for a family member the payer registered (002 Q6).
@@ -287,16 +255,14 @@ async fn check_premium_beneficiary(
     today: chrono::NaiveDate,
 ) -> Outcome<()> {
     let family = gateway.ledger.family(&command.psn_no, today).await?;
-    let registered = family.members.iter().any(|link| {
-        link.member_psn_no == command.beneficiary_psn_no && link.effective_from <= today
-    });
+    let registered = family
+        .members
+        .iter()
+        .any(|link| link.member_psn_no == command.beneficiary_psn_no && link.effective_from <= today);
     if registered {
         Ok(())
     } else {
-        Err(Failure::new(
-            Reason::NotRegisteredFamily,
-            "the beneficiary is not a registered family member of the payer",
-        ))
+        Err(Failure::new(Reason::NotRegisteredFamily, "the beneficiary is not a registered family member of the payer"))
     }
 }
 
@@ -311,33 +277,18 @@ fn sources(
     let mut sources = Vec::new();
     if let Some(account) = &person.account {
         match account.status {
-            AccountStatus::Open => sources.push(Source {
-                owner_psn_no: person.psn_no.clone(),
-                family: false,
-                account: account.clone(),
-            }),
-            AccountStatus::Frozen => {
-                return Err(Failure::new(
-                    Reason::AccountFrozen,
-                    "the payer's account is frozen",
-                ))
+            AccountStatus::Open => {
+                sources.push(Source { owner_psn_no: person.psn_no.clone(), family: false, account: account.clone() })
             }
-            AccountStatus::Closed => {
-                return Err(Failure::new(
-                    Reason::AccountClosed,
-                    "the payer's account is closed",
-                ))
-            }
+            AccountStatus::Frozen => return Err(Failure::new(Reason::AccountFrozen, "the payer's account is frozen")),
+            AccountStatus::Closed => return Err(Failure::new(Reason::AccountClosed, "the payer's account is closed")),
         }
     }
     // Premiums come from the payer's own account only; REMOVED and TERMINATED people no longer
     // draw on family accounts (000 §14, 002 Q14).
     let family_allowed = !command.self_only
         && command.category != Category::Premium
-        && matches!(
-            person.status,
-            InsuranceStatus::Active | InsuranceStatus::Suspended
-        )
+        && matches!(person.status, InsuranceStatus::Active | InsuranceStatus::Suspended)
         && today >= policy.family_start_date;
     if family_allowed {
         for source in &context.family {
@@ -351,13 +302,8 @@ fn sources(
         }
     }
     if sources.is_empty() {
-        if command.category == Category::Premium
-            || person.account.is_none() && context.family.is_empty()
-        {
-            return Err(Failure::new(
-                Reason::NoAccount,
-                "the payer has no personal account to pay from",
-            ));
+        if command.category == Category::Premium || person.account.is_none() && context.family.is_empty() {
+            return Err(Failure::new(Reason::NoAccount, "the payer has no personal account to pay from"));
         }
         if person.account.is_none() {
             return Err(Failure::new(
@@ -376,17 +322,12 @@ async fn available(gateway: &Gateway, sources: &[Source]) -> Outcome<Vec<Money>>
         let cached = match gateway.cache.get(source.account.id).await? {
             Some(cached) => cached,
             None => {
+                gateway.cache.load(source.account.id, source.account.balance, source.account.seq).await?;
                 gateway
                     .cache
-                    .load(
-                        source.account.id,
-                        source.account.balance,
-                        source.account.seq,
-                    )
-                    .await?;
-                gateway.cache.get(source.account.id).await?.ok_or_else(|| {
-                    Failure::new(Reason::BackendUnavailable, "balance cache lost a load")
-                })?
+                    .get(source.account.id)
+                    .await?
+                    .ok_or_else(|| Failure::new(Reason::BackendUnavailable, "balance cache lost a load"))?
             }
         };
         available.push(cached.available());
@@ -416,12 +357,7 @@ fn planned_answer(
         })
         .collect();
     let acct_pay = Money::sum(debits.iter().filter(|d| !d.family).map(|d| d.amount));
-    let own_balance = context
-        .person
-        .account
-        .as_ref()
-        .map(|a| a.balance)
-        .unwrap_or(Money::ZERO);
+    let own_balance = context.person.account.as_ref().map(|a| a.balance).unwrap_or(Money::ZERO);
     let record = SettlementRecord {
         setl_id: String::new(),
         institution_code: institution.code.clone(),
@@ -431,10 +367,7 @@ fn planned_answer(
         status: SettlementStatus::Planned,
         amount: command.amount,
         acct_pay,
-        acct_mulaid_pay: plan
-            .total
-            .checked_sub(acct_pay)
-            .expect("family within total"),
+        acct_mulaid_pay: plan.total.checked_sub(acct_pay).expect("family within total"),
         psn_cash_pay: plan.cash,
         balc: own_balance.saturating_sub(acct_pay),
         refunded: Money::ZERO,
@@ -447,8 +380,5 @@ fn planned_answer(
         debits,
         tombstone: false,
     };
-    Answer {
-        record,
-        pin_required: decision.pin_required,
-    }
+    Answer { record, pin_required: decision.pin_required }
 }

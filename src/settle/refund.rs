@@ -9,8 +9,8 @@ use crate::domain::Money;
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::{digest, Gateway};
 use crate::ledger::{
-    BalanceChange, InstitutionRecord, LedgerWrite, NewRefund, RefundRecord, ReverseCommand,
-    SettlementKey, SettlementRecord, WriteOutcome,
+    BalanceChange, InstitutionRecord, LedgerWrite, NewRefund, RefundRecord, ReverseCommand, SettlementKey,
+    SettlementRecord, WriteOutcome,
 };
 use std::sync::Arc;
 
@@ -31,10 +31,7 @@ impl RefundCommand {
 
 fn refund_replay(existing: RefundRecord, fingerprint: &str) -> Outcome<RefundRecord> {
     if existing.fingerprint != fingerprint {
-        return Err(Failure::new(
-            Reason::RequestIdReused,
-            "request_id was used before for a different request",
-        ));
+        return Err(Failure::new(Reason::RequestIdReused, "request_id was used before for a different request"));
     }
     Ok(existing)
 }
@@ -45,11 +42,7 @@ pub async fn refund(
     command: RefundCommand,
 ) -> Outcome<RefundRecord> {
     let fingerprint = command.fingerprint();
-    if let Some(existing) = gateway
-        .ledger
-        .refund_by_request(&institution.code, &command.request_id)
-        .await?
-    {
+    if let Some(existing) = gateway.ledger.refund_by_request(&institution.code, &command.request_id).await? {
         return refund_replay(existing, &fingerprint);
     }
     let now = gateway.clock.now();
@@ -65,10 +58,7 @@ pub async fn refund(
     };
     let task_gateway = gateway.clone();
     let task = tokio::spawn(async move {
-        let result = task_gateway
-            .committer
-            .commit(LedgerWrite::Refund(new))
-            .await?;
+        let result = task_gateway.committer.commit(LedgerWrite::Refund(new)).await?;
         match result {
             Ok(WriteOutcome::Refunded { record, changes }) => {
                 apply_credits(&task_gateway, &changes).await;
@@ -79,8 +69,7 @@ pub async fn refund(
             Err(decline) => Err(decline_failure(decline)),
         }
     });
-    task.await
-        .map_err(|_| Failure::new(Reason::Internal, "refund task failed"))?
+    task.await.map_err(|_| Failure::new(Reason::Internal, "refund task failed"))?
 }
 
 pub async fn reverse(
@@ -98,11 +87,7 @@ pub async fn reverse(
     };
     let task_gateway = gateway.clone();
     let task = tokio::spawn(async move {
-        match task_gateway
-            .committer
-            .commit(LedgerWrite::Reverse(command))
-            .await?
-        {
+        match task_gateway.committer.commit(LedgerWrite::Reverse(command)).await? {
             Ok(WriteOutcome::Reversed { record, changes }) => {
                 apply_credits(&task_gateway, &changes).await;
                 Ok(record)
@@ -111,18 +96,13 @@ pub async fn reverse(
             Err(decline) => Err(decline_failure(decline)),
         }
     });
-    task.await
-        .map_err(|_| Failure::new(Reason::Internal, "reversal task failed"))?
+    task.await.map_err(|_| Failure::new(Reason::Internal, "reversal task failed"))?
 }
 
 /// Committed credits reach the cache only now, after the ledger has them.
 pub async fn apply_credits(gateway: &Gateway, changes: &[BalanceChange]) {
     for change in changes {
-        if let Err(error) = gateway
-            .cache
-            .apply(change.account_id, change.balance_after, change.seq)
-            .await
-        {
+        if let Err(error) = gateway.cache.apply(change.account_id, change.balance_after, change.seq).await {
             // The cache stays stale-low until the account reloads; it never overstates.
             tracing::warn!(%error, "could not apply a committed credit to the cache");
         }
@@ -130,17 +110,10 @@ pub async fn apply_credits(gateway: &Gateway, changes: &[BalanceChange]) {
 }
 
 /// A settlement by setl_id or request_id, only if it belongs to the caller.
-pub async fn get(
-    gateway: &Gateway,
-    institution: &InstitutionRecord,
-    key: SettlementKey,
-) -> Outcome<SettlementRecord> {
+pub async fn get(gateway: &Gateway, institution: &InstitutionRecord, key: SettlementKey) -> Outcome<SettlementRecord> {
     let found = gateway.ledger.settlement(key).await?;
     match found {
         Some(record) if record.institution_code == institution.code => Ok(record),
-        _ => Err(Failure::new(
-            Reason::NotFound,
-            "no such settlement for this institution",
-        )),
+        _ => Err(Failure::new(Reason::NotFound, "no such settlement for this institution")),
     }
 }

@@ -11,9 +11,7 @@ use crate::cache::Reserve;
 use crate::domain::{Money, PayMode};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::Gateway;
-use crate::ledger::{
-    DebitLine, LedgerWrite, NewSettlement, SettlementRecord, WriteDecline, WriteOutcome,
-};
+use crate::ledger::{DebitLine, LedgerWrite, NewSettlement, SettlementRecord, WriteDecline, WriteOutcome};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,41 +96,27 @@ async fn run_once(
     if mode == PayMode::FullOnly && !left.is_zero() {
         // Balances moved between plan and reserve: all or nothing.
         release_all(gateway, &holds, &hold_id).await;
-        return Err(Failure::new(
-            Reason::InsufficientBalance,
-            "the accounts cannot cover this full-only payment",
-        )
-        .into());
+        return Err(
+            Failure::new(Reason::InsufficientBalance, "the accounts cannot cover this full-only payment").into()
+        );
     }
 
     let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
-    let committed =
-        tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Settle(new))).await;
+    let committed = tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Settle(new))).await;
     let result = match committed {
         Ok(Ok(result)) => result,
         // The outcome is unknown: the batch may have committed. Leave the holds; the sweeper
         // settles them against the ledger after their lease, so the cache never overstates.
         Ok(Err(unavailable)) => return Err(Failure::from(unavailable).into()),
         Err(_elapsed) => {
-            return Err(Failure::new(
-                Reason::BackendUnavailable,
-                "the ledger did not answer in time",
-            )
-            .into())
+            return Err(Failure::new(Reason::BackendUnavailable, "the ledger did not answer in time").into())
         }
     };
     match result {
         Ok(WriteOutcome::Settled { record, changes }) => {
             for change in changes {
-                if let Err(error) = gateway
-                    .cache
-                    .commit_hold(
-                        change.account_id,
-                        &hold_id,
-                        change.balance_after,
-                        change.seq,
-                    )
-                    .await
+                if let Err(error) =
+                    gateway.cache.commit_hold(change.account_id, &hold_id, change.balance_after, change.seq).await
                 {
                     // The hold stays until the sweeper finds it committed; money is safe.
                     tracing::warn!(%error, setl_id = %record.setl_id, "could not finalize a hold");
@@ -170,18 +154,9 @@ async fn reload(gateway: &Gateway, account_id: i64) -> Outcome<()> {
     Ok(())
 }
 
-async fn reserve_one(
-    gateway: &Gateway,
-    source: &Source,
-    hold_id: &str,
-    want: Money,
-) -> Outcome<Money> {
+async fn reserve_one(gateway: &Gateway, source: &Source, hold_id: &str, want: Money) -> Outcome<Money> {
     let lease_ms = gateway.settings.hold_lease_ms;
-    match gateway
-        .cache
-        .reserve(source.account.id, hold_id, want, lease_ms)
-        .await?
-    {
+    match gateway.cache.reserve(source.account.id, hold_id, want, lease_ms).await? {
         Reserve::Held(amount) => Ok(amount),
         Reserve::NotLoaded => {
             // Flushed or evicted since planning: reload from the ledger, then try once more.
@@ -189,20 +164,13 @@ async fn reserve_one(
                 .ledger
                 .account_balance(source.account.id)
                 .await?
-                .ok_or_else(|| {
-                    Failure::new(Reason::Internal, "account vanished from the ledger")
-                })?;
+                .ok_or_else(|| Failure::new(Reason::Internal, "account vanished from the ledger"))?;
             gateway.cache.load(source.account.id, balance, seq).await?;
-            match gateway
-                .cache
-                .reserve(source.account.id, hold_id, want, lease_ms)
-                .await?
-            {
+            match gateway.cache.reserve(source.account.id, hold_id, want, lease_ms).await? {
                 Reserve::Held(amount) => Ok(amount),
-                Reserve::NotLoaded => Err(Failure::new(
-                    Reason::BackendUnavailable,
-                    "the balance cache keeps losing the account",
-                )),
+                Reserve::NotLoaded => {
+                    Err(Failure::new(Reason::BackendUnavailable, "the balance cache keeps losing the account"))
+                }
             }
         }
     }
@@ -219,36 +187,30 @@ pub async fn release_all(gateway: &Gateway, holds: &[(i64, Money)], hold_id: &st
 
 pub fn decline_failure(decline: WriteDecline) -> Failure {
     match decline {
-        WriteDecline::OriginalReversed => Failure::new(
-            Reason::OriginalReversed,
-            "this request was reversed (冲正) and cannot be settled",
-        ),
-        WriteDecline::NotFound => {
-            Failure::new(Reason::NotFound, "no such settlement for this institution")
+        WriteDecline::OriginalReversed => {
+            Failure::new(Reason::OriginalReversed, "this request was reversed (冲正) and cannot be settled")
         }
+        WriteDecline::NotFound => Failure::new(Reason::NotFound, "no such settlement for this institution"),
         WriteDecline::RefundExceedsPaid { refundable } => Failure::new(
             Reason::RefundExceedsPaid,
             format!("the refund exceeds what is still refundable ({refundable})"),
         )
         .with_metadata("refundable", refundable),
-        WriteDecline::InsufficientBalance { .. } => Failure::new(
-            Reason::InsufficientBalance,
-            "the ledger refused: the balance is not sufficient",
-        ),
+        WriteDecline::InsufficientBalance { .. } => {
+            Failure::new(Reason::InsufficientBalance, "the ledger refused: the balance is not sufficient")
+        }
         WriteDecline::AccountNotOpen { status, .. } => match status {
             crate::domain::AccountStatus::Frozen => {
                 Failure::new(Reason::AccountFrozen, "an account to debit is frozen")
             }
             _ => Failure::new(Reason::AccountClosed, "an account to debit is closed"),
         },
-        WriteDecline::NoPinDailyExceeded { .. } => Failure::new(
-            Reason::PinRequired,
-            "the no-PIN daily ceiling is reached; this payment needs the PIN",
-        ),
-        WriteDecline::RequestIdReused => Failure::new(
-            Reason::RequestIdReused,
-            "request_id was used before for a different request",
-        ),
+        WriteDecline::NoPinDailyExceeded { .. } => {
+            Failure::new(Reason::PinRequired, "the no-PIN daily ceiling is reached; this payment needs the PIN")
+        }
+        WriteDecline::RequestIdReused => {
+            Failure::new(Reason::RequestIdReused, "request_id was used before for a different request")
+        }
         WriteDecline::HoldExpired => Failure::new(
             Reason::BackendUnavailable,
             "the ledger was too slow to commit in time; nothing was paid, retry",

@@ -15,11 +15,7 @@ pub const SWEEP_GRACE_MS: u64 = 5_000;
 
 /// One pass at `now_ms` (Unix ms); returns how many holds it settled.
 pub async fn sweep_once(gateway: &Gateway, now_ms: u64) -> usize {
-    let expired = match gateway
-        .cache
-        .expired_holds(now_ms.saturating_sub(SWEEP_GRACE_MS), SWEEP_BATCH_MAX)
-        .await
-    {
+    let expired = match gateway.cache.expired_holds(now_ms.saturating_sub(SWEEP_GRACE_MS), SWEEP_BATCH_MAX).await {
         Ok(expired) => expired,
         Err(error) => {
             tracing::warn!(%error, "sweeper cannot list holds");
@@ -38,27 +34,16 @@ pub async fn sweep_once(gateway: &Gateway, now_ms: u64) -> usize {
         let outcome = if committed {
             match gateway.ledger.account_balance(hold.account_id).await {
                 Ok(Some((balance, seq))) => {
-                    gateway
-                        .cache
-                        .commit_hold(hold.account_id, &hold.hold_id, balance, seq)
-                        .await
+                    gateway.cache.commit_hold(hold.account_id, &hold.hold_id, balance, seq).await
                 }
-                Ok(None) => {
-                    gateway
-                        .cache
-                        .release_hold(hold.account_id, &hold.hold_id)
-                        .await
-                }
+                Ok(None) => gateway.cache.release_hold(hold.account_id, &hold.hold_id).await,
                 Err(error) => {
                     tracing::warn!(%error, "sweeper cannot reach the ledger");
                     return settled;
                 }
             }
         } else {
-            gateway
-                .cache
-                .release_hold(hold.account_id, &hold.hold_id)
-                .await
+            gateway.cache.release_hold(hold.account_id, &hold.hold_id).await
         };
         match outcome {
             Ok(()) => {

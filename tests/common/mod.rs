@@ -21,11 +21,7 @@ pub const BEIJING: &str = "110000";
 pub const HUNAN: &str = "430000";
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("runtime")
 });
 
 /// Runs one test body on the binary's shared runtime.
@@ -78,11 +74,7 @@ pub async fn config(dir: &TempDir, backend: Backend) -> Config {
         Backend::Production => {
             let name = unique_name();
             let url = servers::fresh_database(&name).await;
-            (
-                Some(url),
-                Some(servers::SERVERS.redis_url.clone()),
-                format!("{name}:"),
-            )
+            (Some(url), Some(servers::SERVERS.redis_url.clone()), format!("{name}:"))
         }
     };
     Config {
@@ -110,18 +102,9 @@ impl TestGateway {
         TestGateway::start_in(dir, Arc::new(OffsetClock::default()), backend, config).await
     }
 
-    async fn start_in(
-        dir: Arc<TempDir>,
-        clock: Arc<OffsetClock>,
-        backend: Backend,
-        config: Config,
-    ) -> TestGateway {
-        let app = app::build(&config, clock.clone())
-            .await
-            .expect("gateway builds");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+    async fn start_in(dir: Arc<TempDir>, clock: Arc<OffsetClock>, backend: Backend, config: Config) -> TestGateway {
+        let app = app::build(&config, clock.clone()).await.expect("gateway builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
         let serving = app.clone();
@@ -132,21 +115,8 @@ impl TestGateway {
             .await
             .expect("serve");
         });
-        let channel = Channel::from_shared(format!("http://{address}"))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect");
-        TestGateway {
-            backend,
-            config,
-            channel,
-            clock,
-            app,
-            dir,
-            shutdown: Some(shutdown),
-            server: Some(server),
-        }
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.expect("connect");
+        TestGateway { backend, config, channel, clock, app, dir, shutdown: Some(shutdown), server: Some(server) }
     }
 
     /// Stops this gateway gracefully and starts a new one on the same ledger (and, in production,
@@ -181,13 +151,7 @@ impl TestGateway {
     }
 
     /// A person in `region` with an opening balance (credited by an operator adjustment).
-    pub async fn person(
-        &self,
-        psn_no: &str,
-        region: &str,
-        category: pb::PersonCategory,
-        balance: &str,
-    ) {
+    pub async fn person(&self, psn_no: &str, region: &str, category: pb::PersonCategory, balance: &str) {
         let request = pb::UpsertPersonRequest {
             psn_no: psn_no.into(),
             name: format!("name of {psn_no}"),
@@ -196,18 +160,14 @@ impl TestGateway {
             category: category as i32,
             status: pb::InsuranceStatus::Active as i32,
         };
-        self.admin()
-            .upsert_person(auth(request, OPERATOR_KEY))
-            .await
-            .expect("upsert person");
+        self.admin().upsert_person(auth(request, OPERATOR_KEY)).await.expect("upsert person");
         if balance != "0.00" && balance != "0" {
             self.credit(psn_no, balance).await;
         }
     }
 
     pub async fn employee(&self, psn_no: &str, balance: &str) {
-        self.person(psn_no, BEIJING, pb::PersonCategory::Employee, balance)
-            .await
+        self.person(psn_no, BEIJING, pb::PersonCategory::Employee, balance).await
     }
 
     pub async fn credit(&self, psn_no: &str, amount: &str) {
@@ -219,10 +179,7 @@ impl TestGateway {
             reason: "test opening balance".into(),
             value_date: String::new(),
         };
-        self.admin()
-            .adjust(auth(request, OPERATOR_KEY))
-            .await
-            .expect("credit");
+        self.admin().adjust(auth(request, OPERATOR_KEY)).await.expect("credit");
     }
 
     pub async fn institution(&self, code: &str, kind: pb::InstitutionKind) -> String {
@@ -241,8 +198,7 @@ impl TestGateway {
     }
 
     pub async fn hospital(&self) -> String {
-        self.institution("H001", pb::InstitutionKind::Hospital)
-            .await
+        self.institution("H001", pb::InstitutionKind::Hospital).await
     }
 
     /// `owner` registers `member` (who is the owner's `relation`).
@@ -252,33 +208,19 @@ impl TestGateway {
             member_psn_no: member.into(),
             relation: relation as i32,
         };
-        self.account()
-            .register_family_member(auth(request, OPERATOR_KEY))
-            .await
-            .expect("register family");
+        self.account().register_family_member(auth(request, OPERATOR_KEY)).await.expect("register family");
     }
 
     pub async fn set_pin(&self, psn_no: &str, pin: &str) {
-        let request = pb::SetPinRequest {
-            psn_no: psn_no.into(),
-            new_pin: pin.into(),
-        };
-        self.account()
-            .set_pin(auth(request, OPERATOR_KEY))
-            .await
-            .expect("set pin");
+        let request = pb::SetPinRequest { psn_no: psn_no.into(), new_pin: pin.into() };
+        self.account().set_pin(auth(request, OPERATOR_KEY)).await.expect("set pin");
     }
 
     /// (balance, available) as the gateway reports them.
     pub async fn balance(&self, psn_no: &str) -> (String, String) {
         let balance = self
             .account()
-            .get_balance(auth(
-                pb::GetBalanceRequest {
-                    psn_no: psn_no.into(),
-                },
-                OPERATOR_KEY,
-            ))
+            .get_balance(auth(pb::GetBalanceRequest { psn_no: psn_no.into() }, OPERATOR_KEY))
             .await
             .expect("balance")
             .into_inner();
@@ -289,32 +231,15 @@ impl TestGateway {
         self.balance(psn_no).await.0
     }
 
-    pub async fn settle(
-        &self,
-        key: &str,
-        request: pb::SettleRequest,
-    ) -> Result<pb::Settlement, Status> {
-        self.settlement()
-            .settle(auth(request, key))
-            .await
-            .map(|r| r.into_inner())
+    pub async fn settle(&self, key: &str, request: pb::SettleRequest) -> Result<pb::Settlement, Status> {
+        self.settlement().settle(auth(request, key)).await.map(|r| r.into_inner())
     }
 
     /// Money is conserved and the books balance: personal + system = 0, every transaction sums to
     /// zero, every stored balance equals the sum of its postings.
     pub async fn assert_books_balance(&self) {
-        let trial = self
-            .app
-            .gateway
-            .ledger
-            .trial_balance()
-            .await
-            .expect("trial balance");
-        assert_eq!(
-            trial.personal.checked_add(trial.system),
-            Some(yibao::domain::Money::ZERO),
-            "{trial:?}"
-        );
+        let trial = self.app.gateway.ledger.trial_balance().await.expect("trial balance");
+        assert_eq!(trial.personal.checked_add(trial.system), Some(yibao::domain::Money::ZERO), "{trial:?}");
         assert_eq!(trial.unbalanced_txns, 0, "{trial:?}");
         assert_eq!(trial.drifted_accounts, 0, "{trial:?}");
     }
@@ -337,9 +262,7 @@ fn rand_suffix() -> u64 {
 /// A request with `authorization: Bearer <key>`.
 pub fn auth<T>(message: T, key: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
     request
 }
 
@@ -369,33 +292,19 @@ pub fn card_request(request_id: &str, psn_no: &str, amount: &str, pin: &str) -> 
 /// The `ErrorInfo` reason of a status (and that its domain is ours).
 pub fn reason(status: &Status) -> String {
     let details = tonic_types::StatusExt::get_error_details(status);
-    let info = details
-        .error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    let info = details.error_info().unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
     assert_eq!(info.domain, "yibao.v1");
     info.reason.clone()
 }
 
 /// Asserts the code and reason of a failed call.
 #[track_caller]
-pub fn assert_refused<T: std::fmt::Debug>(
-    result: Result<T, Status>,
-    code: Code,
-    expected_reason: &str,
-) -> Status {
+pub fn assert_refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, expected_reason: &str) -> Status {
     let status = result.expect_err("the call must be refused");
-    assert_eq!(
-        (status.code(), reason(&status).as_str()),
-        (code, expected_reason),
-        "{status:?}"
-    );
+    assert_eq!((status.code(), reason(&status).as_str()), (code, expected_reason), "{status:?}");
     status
 }
 
 pub fn debits(settlement: &pb::Settlement) -> Vec<(String, String, bool)> {
-    settlement
-        .debits
-        .iter()
-        .map(|d| (d.owner_psn_no.clone(), d.amount.clone(), d.family))
-        .collect()
+    settlement.debits.iter().map(|d| (d.owner_psn_no.clone(), d.amount.clone(), d.family)).collect()
 }

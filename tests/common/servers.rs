@@ -18,10 +18,7 @@ pub struct Servers {
 }
 
 pub static SERVERS: LazyLock<Servers> = LazyLock::new(|| Servers {
-    redis_url: std::env::var("REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| start_redis().url),
+    redis_url: std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| start_redis().url),
     postgres_admin_url: std::env::var("DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -29,19 +26,11 @@ pub static SERVERS: LazyLock<Servers> = LazyLock::new(|| Servers {
 });
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Runs `command` (a shell command line) under a supervisor that ends it with `stop_signal` when
@@ -64,21 +53,13 @@ fn supervise(command: &str, stop_signal: &str, cleanup_dir: &Path, as_postgres: 
     };
     // Never waited on: the supervisor must outlive this call and ends on its own when we exit.
     #[allow(clippy::zombie_processes)]
-    shell
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a server supervisor");
+    shell.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start a server supervisor");
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let started = Instant::now();
     while !ready() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{what} did not start within 60 s"
-        );
+        assert!(started.elapsed() < Duration::from_secs(60), "{what} did not start within 60 s");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -90,11 +71,7 @@ pub struct RedisServer {
 
 /// A fresh `redis-server` of our own (no persistence: the ledger is the authority).
 pub fn start_redis() -> RedisServer {
-    let dir = tempfile::Builder::new()
-        .prefix("yibao-redis")
-        .tempdir()
-        .unwrap()
-        .keep();
+    let dir = tempfile::Builder::new().prefix("yibao-redis").tempdir().unwrap().keep();
     let port = free_port();
     let command = format!(
         "exec redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}' --logfile '{}/redis.log'",
@@ -105,10 +82,7 @@ pub fn start_redis() -> RedisServer {
     let url = format!("redis://127.0.0.1:{port}/");
     let client = redis::Client::open(url.as_str()).unwrap();
     wait_for("redis-server", || {
-        client
-            .get_connection()
-            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-            .is_ok()
+        client.get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c)).is_ok()
     });
     RedisServer { url, port }
 }
@@ -134,27 +108,17 @@ fn postgres_bin() -> PathBuf {
         .filter(|bin| bin.join("initdb").exists())
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .expect("no PostgreSQL binaries under /usr/lib/postgresql")
+    versions.pop().expect("no PostgreSQL binaries under /usr/lib/postgresql")
 }
 
 /// A fresh PostgreSQL cluster of our own, with durable commits (fsync and synchronous_commit on).
 pub fn start_postgres() -> PostgresServer {
     let bin = postgres_bin();
     let as_postgres = is_root();
-    let dir = tempfile::Builder::new()
-        .prefix("yibao-pg")
-        .tempdir()
-        .unwrap()
-        .keep();
+    let dir = tempfile::Builder::new().prefix("yibao-pg").tempdir().unwrap().keep();
     let data_dir = dir.join("data");
     if as_postgres {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .unwrap();
+        let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap();
         assert!(status.success(), "chown the PostgreSQL directory");
     }
     let initdb = format!(
@@ -172,11 +136,7 @@ pub fn start_postgres() -> PostgresServer {
         c
     };
     let output = command.output().expect("run initdb");
-    assert!(
-        output.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
     let port = free_port();
     let server = PostgresServer {
         admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
@@ -215,26 +175,13 @@ impl PostgresServer {
     }
 
     fn pg_ctl(&self, args: &str) {
-        let line = format!(
-            "'{}' -D '{}' {args}",
-            self.bin.join("pg_ctl").display(),
-            self.data_dir.display()
-        );
+        let line = format!("'{}' -D '{}' {args}", self.bin.join("pg_ctl").display(), self.data_dir.display());
         let status = if self.as_postgres {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--", "sh", "-c", &line])
-                .stdout(Stdio::null())
-                .status()
+            Command::new("runuser").args(["-u", "postgres", "--", "sh", "-c", &line]).stdout(Stdio::null()).status()
         } else {
-            Command::new("sh")
-                .args(["-c", &line])
-                .stdout(Stdio::null())
-                .status()
+            Command::new("sh").args(["-c", &line]).stdout(Stdio::null()).status()
         };
-        assert!(
-            status.map(|s| s.success()).unwrap_or(false),
-            "pg_ctl {args}"
-        );
+        assert!(status.map(|s| s.success()).unwrap_or(false), "pg_ctl {args}");
     }
 
     /// Stops the server (fast shutdown: sessions are cut, committed data stays).
@@ -258,20 +205,11 @@ impl PostgresServer {
 /// A new, empty database on the shared server; returns its URL.
 pub async fn fresh_database(name: &str) -> String {
     let admin = &SERVERS.postgres_admin_url;
-    let (client, connection) = tokio_postgres::connect(admin, tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
+    let (client, connection) =
+        tokio_postgres::connect(admin, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
     tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (base, _) = admin
-        .rsplit_once('/')
-        .expect("a database URL ends in /<database>");
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.unwrap();
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let (base, _) = admin.rsplit_once('/').expect("a database URL ends in /<database>");
     format!("{base}/{name}")
 }
