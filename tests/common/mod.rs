@@ -96,6 +96,14 @@ impl TestGateway {
         TestGateway::start_with(Backend::Embedded).await
     }
 
+    /// A gateway on `backend` with its configuration adjusted by `adjust` (e.g. a short hold lease).
+    pub async fn start_adjusted(backend: Backend, adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let mut config = config(&dir, backend).await;
+        adjust(&mut config);
+        TestGateway::start_in(dir, Arc::new(OffsetClock::default()), backend, config).await
+    }
+
     pub async fn start_with(backend: Backend) -> TestGateway {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config = config(&dir, backend).await;
@@ -233,6 +241,36 @@ impl TestGateway {
 
     pub async fn settle(&self, key: &str, request: pb::SettleRequest) -> Result<pb::Settlement, Status> {
         self.settlement().settle(auth(request, key)).await.map(|r| r.into_inner())
+    }
+
+    /// Waits (bounded) until no hold is open on these people's accounts, then checks that every
+    /// cached balance equals the ledger's.
+    pub async fn assert_quiet_cache_equals_ledger(&self, psn_nos: &[String]) {
+        let gateway = &self.app.gateway;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for psn_no in psn_nos {
+            let account = gateway.ledger.person(psn_no).await.unwrap().unwrap().account.unwrap().id;
+            loop {
+                let cached = gateway.cache.get(account).await.expect("cache reachable");
+                let (ledger_balance, ledger_seq) = gateway.ledger.account_balance(account).await.unwrap().unwrap();
+                match cached {
+                    None => break, // not cached: the next use loads the ledger's balance
+                    Some(c) if c.held.is_zero() && c.balance == ledger_balance && c.seq == ledger_seq => break,
+                    Some(c) => {
+                        assert!(
+                            c.balance.saturating_sub(c.held) <= ledger_balance || c.seq < ledger_seq,
+                            "{psn_no}: cache overstates: {c:?} vs ledger {ledger_balance}"
+                        );
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "{psn_no}: cache {c:?} never settled to ledger {ledger_balance}@{ledger_seq}"
+                        );
+                        // The sweeper runs every second; holds resolve after their lease and grace.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Money is conserved and the books balance: personal + system = 0, every transaction sums to

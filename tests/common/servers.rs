@@ -33,12 +33,12 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
-/// Runs `command` (a shell command line) under a supervisor that ends it with `stop_signal` when
-/// this test process is gone, then removes `cleanup_dir`.
-fn supervise(command: &str, stop_signal: &str, cleanup_dir: &Path, as_postgres: bool) {
+/// Runs `command` (a shell command line) under a supervisor that, once this test process is
+/// gone, runs `stop` (with `$server` the command's pid) and removes `cleanup_dir`. A server that
+/// stops earlier (a fault test) may be started again meanwhile; the supervisor waits regardless.
+fn supervise(command: &str, stop: &str, cleanup_dir: &Path, as_postgres: bool) {
     let script = format!(
-        "{command} & server=$!; while [ -d /proc/{pid} ] && kill -0 $server 2>/dev/null; do sleep 0.5; done; \
-         kill -{stop_signal} $server 2>/dev/null; wait $server; rm -rf '{dir}'",
+        "{command} & server=$!; while [ -d /proc/{pid} ]; do sleep 0.5; done; {stop}; wait $server; rm -rf '{dir}'",
         pid = std::process::id(),
         dir = cleanup_dir.display(),
     );
@@ -71,14 +71,18 @@ pub struct RedisServer {
 
 /// A fresh `redis-server` of our own (no persistence: the ledger is the authority).
 pub fn start_redis() -> RedisServer {
+    start_redis_on(free_port())
+}
+
+/// A fresh `redis-server` on a given port (to bring one back where it was).
+pub fn start_redis_on(port: u16) -> RedisServer {
     let dir = tempfile::Builder::new().prefix("yibao-redis").tempdir().unwrap().keep();
-    let port = free_port();
     let command = format!(
         "exec redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}' --logfile '{}/redis.log'",
         dir.display(),
         dir.display()
     );
-    supervise(&command, "TERM", &dir, false);
+    supervise(&command, "kill -TERM $server 2>/dev/null", &dir, false);
     let url = format!("redis://127.0.0.1:{port}/");
     let client = redis::Client::open(url.as_str()).unwrap();
     wait_for("redis-server", || {
@@ -87,6 +91,7 @@ pub fn start_redis() -> RedisServer {
     RedisServer { url, port }
 }
 
+#[derive(Clone)]
 pub struct PostgresServer {
     pub admin_url: String,
     pub port: u16,
@@ -160,7 +165,12 @@ impl PostgresServer {
             self.data_dir.display(),
             cleanup_dir.display(),
         );
-        supervise(&command, "INT", cleanup_dir, self.as_postgres);
+        let stop = format!(
+            "'{}' -D '{}' stop -m immediate >/dev/null 2>&1 || kill -INT $server 2>/dev/null",
+            self.bin.join("pg_ctl").display(),
+            self.data_dir.display()
+        );
+        supervise(&command, &stop, cleanup_dir, self.as_postgres);
         self.wait_ready();
     }
 

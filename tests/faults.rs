@@ -1,0 +1,273 @@
+//! Faults, bounded in time: clients cancelling mid-flight, the gateway killed with SIGKILL, Redis
+//! flushed and stopped, PostgreSQL stopped. After each: no balance below zero, every acknowledged
+//! settlement in the ledger exactly once, nothing half applied, no hold left open, the cache equal
+//! to the ledger, and money conserved (personal balances = credits − debits of settlements the
+//! ledger holds).
+
+mod common;
+
+use common::servers;
+use common::*;
+use std::collections::HashMap;
+use std::time::Duration;
+use tonic::Code;
+use yibao::domain::Money;
+use yibao::rpc::pb;
+
+on_both_backends!(cancelled_calls_complete_or_compensate);
+
+const OPENING: &str = "1000.00";
+
+fn yuan(text: &str) -> Money {
+    Money::parse(text).unwrap()
+}
+
+async fn people(gw: &TestGateway, count: usize) -> Vec<String> {
+    let mut psn_nos = Vec::new();
+    for i in 0..count {
+        let psn_no = format!("F{i:03}");
+        gw.employee(&psn_no, OPENING).await;
+        psn_nos.push(psn_no);
+    }
+    // Every second person may also draw on the next one's account, so payments span two accounts.
+    for i in (0..count - 1).step_by(2) {
+        gw.family(&psn_nos[i + 1], &psn_nos[i], pb::Relation::Spouse).await;
+    }
+    psn_nos
+}
+
+/// What the ledger holds for these request ids, and checks each is applied whole.
+async fn settled_in_ledger(gw: &TestGateway, key: &str, request_ids: &[String]) -> HashMap<String, pb::Settlement> {
+    let mut found = HashMap::new();
+    for request_id in request_ids {
+        let get =
+            pb::GetSettlementRequest { key: Some(pb::get_settlement_request::Key::RequestId(request_id.clone())) };
+        match gw.settlement().get_settlement(auth(get, key)).await {
+            Ok(answer) => {
+                let s = answer.into_inner();
+                let drawn: Money = Money::sum(s.debits.iter().map(|d| yuan(&d.amount)));
+                assert_eq!(
+                    drawn,
+                    yuan(&s.acct_pay).checked_add(yuan(&s.acct_mulaid_pay)).unwrap(),
+                    "{request_id} applied whole"
+                );
+                found.insert(request_id.clone(), s);
+            }
+            Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+        }
+    }
+    found
+}
+
+/// Personal balances sum to the credits less what the ledger's settlements drew.
+async fn assert_money_conserved(gw: &TestGateway, people: usize, settled: &HashMap<String, pb::Settlement>) {
+    let drawn = Money::sum(settled.values().map(|s| yuan(&s.acct_pay).checked_add(yuan(&s.acct_mulaid_pay)).unwrap()));
+    let credited = Money::from_fen(yuan(OPENING).to_fen() * people as i64);
+    let trial = gw.app.gateway.ledger.trial_balance().await.unwrap();
+    assert_eq!(trial.personal, credited.checked_sub(drawn).unwrap(), "personal balances = credits − debits");
+    assert!(!trial.personal.is_negative());
+    gw.assert_books_balance().await;
+}
+
+/// Hundreds of calls cancelled mid-flight (deadlines of a few ms, and client tasks aborted): each
+/// payment completes or compensates; afterwards no hold is open and the cache equals the ledger.
+async fn cancelled_calls_complete_or_compensate(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let key = gw.hospital().await;
+    let psn_nos = people(&gw, 10).await;
+    let mut tasks = Vec::new();
+    let mut request_ids = Vec::new();
+    for i in 0..300 {
+        let request_id = format!("cancel-{i}");
+        request_ids.push(request_id.clone());
+        let mut request = auth(settle_request(&request_id, &psn_nos[i % psn_nos.len()], "7.31"), &key);
+        if i % 2 == 0 {
+            request.set_timeout(Duration::from_millis(1 + (i % 5) as u64));
+        }
+        let client = gw.settlement();
+        tasks.push(tokio::spawn(async move {
+            let mut client = client;
+            client.settle(request).await
+        }));
+    }
+    // Abort every third client task after a moment: its HTTP/2 stream is reset mid-flight.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    for (i, task) in tasks.iter().enumerate() {
+        if i % 3 == 0 {
+            task.abort();
+        }
+    }
+    let mut acknowledged = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        if let Ok(Ok(answer)) = task.await {
+            assert_eq!(answer.get_ref().request_id, request_ids[i]);
+            acknowledged.push(request_ids[i].clone());
+        }
+    }
+    gw.assert_quiet_cache_equals_ledger(&psn_nos).await;
+    let settled = settled_in_ledger(&gw, &key, &request_ids).await;
+    for request_id in &acknowledged {
+        assert!(settled.contains_key(request_id), "acknowledged {request_id} is in the ledger");
+    }
+    assert_money_conserved(&gw, psn_nos.len(), &settled).await;
+}
+
+/// Settles `count` payments concurrently, returning the request ids acknowledged.
+async fn load(
+    gw: &TestGateway,
+    key: &str,
+    psn_nos: &[String],
+    prefix: &str,
+    count: usize,
+    amount: &str,
+) -> Vec<(String, Result<pb::Settlement, tonic::Status>)> {
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let request_id = format!("{prefix}-{i}");
+        let request = pb::SettleRequest {
+            mode: pb::PayMode::FullOnly as i32,
+            ..settle_request(&request_id, &psn_nos[i % psn_nos.len()], amount)
+        };
+        let (client, key) = (gw.settlement(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut client = client;
+            (request_id, client.settle(auth(request, &key)).await.map(|r| r.into_inner()))
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+/// Redis FLUSHALL in the middle of the load, then Redis stopped and started again: no balance
+/// below zero, nothing paid twice, balances reload, health follows Redis.
+#[test]
+fn redis_flushed_and_restarted_under_load() {
+    run(async {
+        let redis = servers::start_redis();
+        let gw = TestGateway::start_adjusted(Backend::Production, |config| {
+            config.redis_url = Some(redis.url.clone());
+        })
+        .await;
+        let key = gw.hospital().await;
+        let psn_nos = people(&gw, 6).await;
+        let flusher = {
+            let url = redis.url.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+            })
+        };
+        // 6 people × 1000.00, payments of 90.00 full-only: at most 11 each from own account plus
+        // family draws; 400 payments ask for far more than exists.
+        let results = load(&gw, &key, &psn_nos, "flush", 400, "90.00").await;
+        flusher.await.unwrap();
+        let mut ids = Vec::new();
+        for (request_id, result) in &results {
+            ids.push(request_id.clone());
+            if let Err(status) = result {
+                assert!(
+                    matches!(reason(status).as_str(), "INSUFFICIENT_BALANCE" | "BACKEND_UNAVAILABLE"),
+                    "{status:?}"
+                );
+            }
+        }
+        gw.assert_quiet_cache_equals_ledger(&psn_nos).await;
+        let settled = settled_in_ledger(&gw, &key, &ids).await;
+        for (request_id, result) in &results {
+            if let Ok(answer) = result {
+                assert_eq!(settled[request_id].setl_id, answer.setl_id, "acknowledged once, as answered");
+            }
+        }
+        assert_money_conserved(&gw, psn_nos.len(), &settled).await;
+
+        // Redis stops: health turns NOT_SERVING and payments fail closed; it comes back by itself.
+        let mut admin = redis::Client::open(redis.url.as_str()).unwrap().get_connection().unwrap();
+        let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").arg("NOSAVE").query(&mut admin);
+        wait_health(&gw, tonic_health::pb::health_check_response::ServingStatus::NotServing).await;
+        let refused = gw.settle(&key, settle_request("while-down", &psn_nos[0], "1.00")).await;
+        assert_refused(refused, Code::Unavailable, "BACKEND_UNAVAILABLE");
+        let _again = servers::start_redis_on(redis.port);
+        wait_health(&gw, tonic_health::pb::health_check_response::ServingStatus::Serving).await;
+        gw.credit(&psn_nos[0], "5.00").await;
+        let paid = gw.settle(&key, settle_request("after-restart", &psn_nos[0], "1.00")).await.unwrap();
+        assert_eq!(paid.acct_pay, "1.00", "balances reloaded from the ledger after the restart");
+    });
+}
+
+/// PostgreSQL stopped during load: callers get UNAVAILABLE / BACKEND_UNAVAILABLE, health turns
+/// NOT_SERVING, nothing acknowledged is lost, and service resumes by itself.
+#[test]
+fn postgres_stopped_under_load() {
+    run(async {
+        let postgres = servers::start_postgres();
+        let url = postgres.admin_url.clone();
+        let gw = TestGateway::start_adjusted(Backend::Production, |config| {
+            config.ledger_url = Some(url);
+            config.settings.hold_lease_ms = 3_000;
+            config.settings.commit_timeout_ms = 1_500;
+        })
+        .await;
+        let key = gw.hospital().await;
+        let psn_nos = people(&gw, 6).await;
+        let stopper = tokio::task::spawn_blocking({
+            let postgres_stop = postgres.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(40));
+                postgres_stop.stop();
+            }
+        });
+        let results = load(&gw, &key, &psn_nos, "pgdown", 300, "3.00").await;
+        stopper.await.unwrap();
+        for (_, result) in &results {
+            if let Err(status) = result {
+                assert_eq!(
+                    (status.code(), reason(status).as_str()),
+                    (Code::Unavailable, "BACKEND_UNAVAILABLE"),
+                    "{status:?}"
+                );
+            }
+        }
+        wait_health(&gw, tonic_health::pb::health_check_response::ServingStatus::NotServing).await;
+        assert_refused(
+            gw.settle(&key, settle_request("down", &psn_nos[0], "1.00")).await,
+            Code::Unavailable,
+            "BACKEND_UNAVAILABLE",
+        );
+
+        postgres.restart();
+        wait_health(&gw, tonic_health::pb::health_check_response::ServingStatus::Serving).await;
+        let ids: Vec<String> = results.iter().map(|(id, _)| id.clone()).collect();
+        let settled = settled_in_ledger(&gw, &key, &ids).await;
+        for (request_id, result) in &results {
+            if let Ok(answer) = result {
+                assert_eq!(settled[request_id].setl_id, answer.setl_id, "acknowledged {request_id} survived");
+            }
+        }
+        gw.assert_quiet_cache_equals_ledger(&psn_nos).await;
+        assert_money_conserved(&gw, psn_nos.len(), &settled).await;
+        let paid = gw.settle(&key, settle_request("after", &psn_nos[0], "1.00")).await.unwrap();
+        assert_eq!(paid.acct_pay, "1.00");
+    });
+}
+
+async fn wait_health(gw: &TestGateway, wanted: tonic_health::pb::health_check_response::ServingStatus) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1);
+        if status == wanted as i32 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "health never became {wanted:?} (is {status})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
