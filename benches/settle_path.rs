@@ -29,8 +29,9 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
-        ledger_url: None,
-        redis_url: None,
+        // YIBAO_BENCH_LEDGER_URL / YIBAO_BENCH_REDIS_URL measure the production backends instead.
+        ledger_url: std::env::var("YIBAO_BENCH_LEDGER_URL").ok().filter(|u| !u.is_empty()),
+        redis_url: std::env::var("YIBAO_BENCH_REDIS_URL").ok().filter(|u| !u.is_empty()),
         redis_prefix: "yb:".into(),
         policy_dir: None,
         operator_key: None,
@@ -39,6 +40,7 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
         settings: Settings::default(),
     };
     let app = yibao::app::build(&config, Arc::new(SystemClock)).await.unwrap();
+    let run_id = std::process::id();
     let gateway = app.gateway.clone();
     let institution = InstitutionRecord {
         code: "H001".into(),
@@ -46,11 +48,17 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
         kind: InstitutionKind::Hospital,
         region: "110000".into(),
     };
-    admin::register_institution(&gateway, &institution.code, &institution.name, institution.kind, &institution.region)
-        .await
-        .unwrap();
+    // Already there when a database is reused between runs; that is fine.
+    let _ = admin::register_institution(
+        &gateway,
+        &institution.code,
+        &institution.name,
+        institution.kind,
+        &institution.region,
+    )
+    .await;
     for i in 0..accounts {
-        let psn_no = format!("B{i:08}");
+        let psn_no = format!("B{run_id}x{i:08}");
         let person = PersonUpsert {
             psn_no: psn_no.clone(),
             name: psn_no.clone(),
@@ -79,8 +87,8 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
         let (gateway, institution) = (gateway.clone(), institution.clone());
         tasks.push(tokio::spawn(async move {
             let command = SettleCommand {
-                request_id: format!("bench-{i}"),
-                psn_no: format!("B{:08}", (i * 7919) % accounts),
+                request_id: format!("bench-{run_id}-{i}"),
+                psn_no: format!("B{run_id}x{:08}", (i * 7919) % accounts),
                 amount: Money::parse("12.34").unwrap(),
                 channel: Channel::EVoucher,
                 category: Category::Outpatient,
@@ -105,7 +113,8 @@ async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring:
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let line = format!(
-        "settle_path embedded: {settlements} settlements over {accounts} accounts, concurrency {concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "settle_path {}: {settlements} settlements over {accounts} accounts, concurrency {concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        if config.ledger_url.is_some() { "postgres+redis" } else { "embedded" },
         settlements as f64 / elapsed.as_secs_f64(),
         at(0.50).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,

@@ -177,3 +177,23 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../deploy/yibao.example.toml");
+        let file: FileConfig = toml::from_str(text).expect("deploy/yibao.example.toml is valid");
+        assert_eq!(file.redis_prefix.as_deref(), Some("yb:"));
+        assert!(file.ledger_url.unwrap().starts_with("postgres://"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_and_urls_redacted() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").unwrap_err().to_string().contains("lisen"));
+        assert_eq!(redact_url("postgres://yibao:secret@db:5432/yibao"), "postgres://yibao:****@db:5432/yibao");
+        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+    }
+}

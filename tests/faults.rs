@@ -271,3 +271,106 @@ async fn wait_health(gw: &TestGateway, wanted: tonic_health::pb::health_check_re
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The gateway process killed with SIGKILL while hundreds of settlements are in flight, then a new
+/// gateway on the same PostgreSQL and Redis: every acknowledged settlement is in the ledger exactly
+/// once, every other one is whole or absent, no hold stays open, the cache equals the ledger.
+#[test]
+fn gateway_killed_with_sigkill_under_load() {
+    run(async {
+        let short_lease = |config: &mut yibao::config::Config| {
+            config.settings.hold_lease_ms = 3_000;
+            config.settings.commit_timeout_ms = 1_500;
+        };
+        let mut setup = TestGateway::start_adjusted(Backend::Production, short_lease).await;
+        let key = setup.hospital().await;
+        let psn_nos = people(&setup, 8).await;
+        let config = setup.config.clone();
+        setup.stop().await;
+        drop(setup);
+
+        let dir = tempfile::tempdir().unwrap();
+        let config_file = dir.path().join("yibao.toml");
+        std::fs::write(
+            &config_file,
+            format!(
+                "redis_prefix = \"{}\"\nhold_lease_ms = 3000\ncommit_timeout_ms = 1500\npin_cost = {{ memory_kib = 256, passes = 1 }}\n",
+                config.redis_prefix
+            ),
+        )
+        .unwrap();
+        let port = servers::free_port();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_yibao"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&config_file)
+            .args([
+                "--ledger-url",
+                config.ledger_url.as_deref().unwrap(),
+                "--redis-url",
+                config.redis_url.as_deref().unwrap(),
+            ])
+            .env("YIBAO_OPERATOR_KEY", OPERATOR_KEY)
+            .env("YIBAO_PIN_PEPPER", "test-pepper")
+            .env("YIBAO_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let channel = loop {
+            match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await {
+                Ok(channel) => break channel,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let request_id = format!("kill-{i}");
+            let request = settle_request(&request_id, &psn_nos[i % psn_nos.len()], "4.37");
+            let mut client = pb::settlement_service_client::SettlementServiceClient::new(channel.clone());
+            let (key, acked) = (key.clone(), acked.clone());
+            tasks.push(tokio::spawn(async move {
+                let result = client.settle(auth(request, &key)).await.map(|r| r.into_inner());
+                if result.is_ok() {
+                    acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                (request_id, result)
+            }));
+        }
+        // Kill it mid-load: after the first acknowledgements, with hundreds still in flight.
+        let waited = std::time::Instant::now();
+        while acked.load(std::sync::atomic::Ordering::SeqCst) < 60 && waited.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let killed = std::process::Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        child.wait().unwrap();
+        let mut acknowledged = Vec::new();
+        let mut ids = Vec::new();
+        for task in tasks {
+            let (request_id, result) = task.await.unwrap();
+            ids.push(request_id.clone());
+            if let Ok(answer) = result {
+                acknowledged.push((request_id, answer.setl_id));
+            }
+        }
+
+        // A new gateway on the same ledger and Redis: its sweeper settles the dead one's holds.
+        let gw = TestGateway::start_with_config(Backend::Production, config).await;
+        gw.assert_quiet_cache_equals_ledger(&psn_nos).await;
+        let settled = settled_in_ledger(&gw, &key, &ids).await;
+        for (request_id, setl_id) in &acknowledged {
+            assert_eq!(&settled[request_id].setl_id, setl_id, "acknowledged {request_id} is in the ledger as answered");
+        }
+        assert_money_conserved(&gw, psn_nos.len(), &settled).await;
+        eprintln!(
+            "SIGKILL test: {} acknowledged, {} in the ledger, of {}",
+            acknowledged.len(),
+            settled.len(),
+            ids.len()
+        );
+    });
+}

@@ -164,3 +164,41 @@ fn the_demo_prints_a_command_that_works_and_sigterm_exits_cleanly() {
     let status = server.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The PostgreSQL ledger enforces the same invariants itself.
+#[test]
+fn the_postgres_ledger_refuses_negative_balances_edits_and_duplicate_keys() {
+    run(async {
+        let gw = TestGateway::start_with(Backend::Production).await;
+        let key = gw.hospital().await;
+        gw.employee("P1", "10.00").await;
+        gw.settle(&key, settle_request("r", "P1", "4.00")).await.unwrap();
+        let url = gw.config.ledger_url.clone().unwrap();
+        let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let error = |result: Result<u64, tokio_postgres::Error>| {
+            result.unwrap_err().as_db_error().unwrap().message().to_string()
+        };
+        let negative = db.execute("UPDATE accounts SET balance = -0.01 WHERE psn_no = 'P1'", &[]).await;
+        assert!(negative.unwrap_err().as_db_error().unwrap().constraint() == Some("personal_balance_not_negative"));
+        assert!(error(db.execute("UPDATE postings SET amount = 0", &[]).await).contains("append-only"));
+        assert!(error(db.execute("DELETE FROM txns", &[]).await).contains("append-only"));
+        let duplicate = db
+            .execute(
+                "INSERT INTO settlements (setl_id, institution_code, request_id, fingerprint, psn_no, status, amount, acct_pay,
+                     mulaid, cash, balc, business_date, settled_at) VALUES ('S-x', 'H001', 'r', '', 'P1', 'SETTLED', 0, 0, 0, 0, 0,
+                     current_date, now())",
+                &[],
+            )
+            .await;
+        assert_eq!(duplicate.unwrap_err().as_db_error().unwrap().constraint(), Some("settlements_idempotency"));
+        let over_refund = db.execute("UPDATE settlements SET refunded = 4.01 WHERE request_id = 'r'", &[]).await;
+        assert_eq!(over_refund.unwrap_err().as_db_error().unwrap().constraint(), Some("refunds_within_paid"));
+        let amount_type: String = db
+            .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'accounts'::regclass AND attname = 'balance'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(amount_type, "numeric(18,2)");
+    });
+}

@@ -104,6 +104,12 @@ impl TestGateway {
         TestGateway::start_in(dir, Arc::new(OffsetClock::default()), backend, config).await
     }
 
+    /// A gateway on an existing configuration (e.g. the ledger and Redis another gateway used).
+    pub async fn start_with_config(backend: Backend, config: Config) -> TestGateway {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        TestGateway::start_in(dir, Arc::new(OffsetClock::default()), backend, config).await
+    }
+
     pub async fn start_with(backend: Backend) -> TestGateway {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config = config(&dir, backend).await;
