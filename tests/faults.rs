@@ -374,3 +374,51 @@ fn gateway_killed_with_sigkill_under_load() {
         );
     });
 }
+
+/// The daily no-PIN total and the wrong-PIN count live in the ledger, so a Redis flush forgets
+/// neither.
+#[test]
+fn no_pin_total_and_wrong_pin_count_survive_a_redis_flush() {
+    run(async {
+        let redis = servers::start_redis();
+        let gw =
+            TestGateway::start_adjusted(Backend::Production, |config| config.redis_url = Some(redis.url.clone())).await;
+        let key = gw.hospital().await;
+        gw.employee("P1", "2000.00").await;
+        gw.set_pin("P1", "284617").await;
+        let tier = pb::SetNoPinTierRequest { psn_no: "P1".into(), pin: "284617".into(), tier: "T200".into() };
+        gw.account().set_no_pin_tier(auth(tier, OPERATOR_KEY)).await.unwrap();
+        for i in 0..3 {
+            gw.settle(&key, card_request(&format!("np{i}"), "P1", "150.00", "")).await.unwrap();
+        }
+        for i in 0..4 {
+            let wrong = gw.settle(&key, card_request(&format!("wrong{i}"), "P1", "1.00", "999111")).await;
+            assert_refused(wrong, Code::PermissionDenied, "PIN_INCORRECT");
+        }
+
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+
+        // 450.00 of 500.00 used today: 100.00 more needs the PIN, 50.00 does not.
+        assert_refused(
+            gw.settle(&key, card_request("np3", "P1", "100.00", "")).await,
+            Code::FailedPrecondition,
+            "PIN_REQUIRED",
+        );
+        gw.settle(&key, card_request("np4", "P1", "50.00", "")).await.unwrap();
+        // Four wrong PINs before the flush: the fifth locks.
+        let fifth = assert_refused(
+            gw.settle(&key, card_request("wrong4", "P1", "1.00", "999111")).await,
+            Code::PermissionDenied,
+            "PIN_INCORRECT",
+        );
+        assert_eq!(fifth.metadata().get("attempts-left").unwrap(), "0");
+        assert_refused(
+            gw.settle(&key, card_request("right", "P1", "1.00", "284617")).await,
+            Code::PermissionDenied,
+            "PIN_LOCKED",
+        );
+        assert_eq!(gw.balance("P1").await, ("1500.00".into(), "1500.00".into()));
+    });
+}

@@ -3,6 +3,7 @@
 mod common;
 
 on_both_backends!(
+    the_sweepers_verdict_is_final,
     one_refused_write_never_fails_the_others_in_its_batch,
     the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
@@ -137,4 +138,28 @@ async fn a_debit_adjustment_holds_and_finalizes_like_a_payment(backend: Backend)
     let account = account_of(&gw, "P1").await;
     assert_eq!(gw.app.gateway.cache.get(account).await.unwrap().unwrap().held, Money::ZERO, "no hold left open");
     gw.assert_books_balance().await;
+}
+
+/// Once the sweeper has released a hold as "not committed", the write that took it can never
+/// commit; once a write committed, the sweeper's answer is "committed".
+async fn the_sweepers_verdict_is_final(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    gw.hospital().await;
+    gw.employee("P1", "10.00").await;
+    let account = account_of(&gw, "P1").await;
+    let ledger = &gw.app.gateway.ledger;
+    assert!(!ledger.resolve_hold("S-late").await.unwrap(), "never committed: fenced");
+    let late = ledger
+        .commit_batch(vec![LedgerWrite::Settle(settlement("S-late", "late", "P1", account, "1.00", None))])
+        .await
+        .unwrap();
+    assert_eq!(late[0].as_ref().unwrap_err(), &WriteDecline::HoldExpired);
+    let done = ledger
+        .commit_batch(vec![LedgerWrite::Settle(settlement("S-done", "done", "P1", account, "1.00", None))])
+        .await
+        .unwrap();
+    assert!(done[0].is_ok());
+    assert!(ledger.resolve_hold("S-done").await.unwrap());
+    assert!(ledger.resolve_hold("S-done").await.unwrap(), "the verdict does not change");
+    assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, yuan("9.00"));
 }

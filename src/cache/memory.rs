@@ -97,12 +97,12 @@ impl BalanceCache for MemoryCache {
         seq: i64,
     ) -> CacheResult<()> {
         let mut shard = self.shard(account_id);
-        if let Some(entry) = shard.get_mut(&account_id) {
-            entry.holds.remove(hold_id);
-            if seq > entry.seq {
-                entry.balance = balance_after;
-                entry.seq = seq;
-            }
+        let entry =
+            shard.entry(account_id).or_insert_with(|| Entry { balance: balance_after, seq, holds: HashMap::new() });
+        entry.holds.remove(hold_id);
+        if seq > entry.seq {
+            entry.balance = balance_after;
+            entry.seq = seq;
         }
         Ok(())
     }
@@ -117,11 +117,11 @@ impl BalanceCache for MemoryCache {
 
     async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()> {
         let mut shard = self.shard(account_id);
-        if let Some(entry) = shard.get_mut(&account_id) {
-            if seq > entry.seq {
-                entry.balance = balance_after;
-                entry.seq = seq;
-            }
+        let entry =
+            shard.entry(account_id).or_insert_with(|| Entry { balance: balance_after, seq, holds: HashMap::new() });
+        if seq > entry.seq {
+            entry.balance = balance_after;
+            entry.seq = seq;
         }
         Ok(())
     }
@@ -182,6 +182,17 @@ mod tests {
         cache.release_hold(1, "h2").await.unwrap();
         let now = cache.get(1).await.unwrap().unwrap();
         assert_eq!((now.balance, now.held, now.available()), (yuan("20"), Money::ZERO, yuan("20")));
+    }
+
+    #[tokio::test]
+    async fn a_committed_balance_is_installed_when_the_account_is_not_cached() {
+        let cache = MemoryCache::default();
+        cache.apply(9, yuan("40"), 7).await.unwrap();
+        // A balance read from the ledger before that commit cannot replace it.
+        cache.load(9, yuan("100"), 5).await.unwrap();
+        assert_eq!(cache.get(9).await.unwrap().unwrap().balance, yuan("40"));
+        cache.commit_hold(10, "gone", yuan("3"), 2).await.unwrap();
+        assert_eq!(cache.get(10).await.unwrap().unwrap().balance, yuan("3"));
     }
 
     #[tokio::test]

@@ -63,7 +63,8 @@ pub trait BalanceCache: Send + Sync + 'static {
     async fn load(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<()>;
     /// Holds up to `want` of what is available, under `hold_id`, for `lease_ms`.
     async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve>;
-    /// The ledger committed the debit: drop the hold and take the ledger's balance (if newer).
+    /// The ledger committed the debit: drop the hold and take the ledger's balance if newer (or
+    /// install it if the account is not cached, so no older balance can be loaded later).
     async fn commit_hold(
         &self,
         account_id: AccountId,
@@ -73,8 +74,8 @@ pub trait BalanceCache: Send + Sync + 'static {
     ) -> CacheResult<()>;
     /// The payment did not commit: drop the hold.
     async fn release_hold(&self, account_id: AccountId, hold_id: &str) -> CacheResult<()>;
-    /// A committed change without a hold (credits, refunds): take the balance if the account is
-    /// cached and the sequence is newer; otherwise nothing (the next load reads the ledger).
+    /// A committed change without a hold (credits, refunds): take the balance if newer, or install
+    /// it if the account is not cached.
     async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()>;
     /// The idempotency fast path: the settlement a request id settled, if the cache remembers it.
     /// A miss proves nothing (the ledger's unique key is the truth).

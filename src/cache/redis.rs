@@ -1,8 +1,8 @@
 //! The production balance cache on Redis (redis-rs; a standalone server through a connection
 //! manager, or a Redis Cluster, behind one type).
 //!
-//! Per account: a hash `{a:<id>}` with the balance `b` (fen), the ledger sequence `s` and the sum of
-//! holds `h`, and a hash `{a:<id>}:h` of hold id → fen. Both carry the same hash tag, and every
+//! Per account: a hash `{a:<id>}` with the balance `b` (fen) and the ledger sequence `s`, and a
+//! hash `{a:<id>}:h` of hold id → fen (held money is always summed from it, never counted apart). Both carry the same hash tag, and every
 //! script touches exactly one account, so the layout works on a cluster however family graphs
 //! overlap. Lease ends live in one sorted set, an index only: the sweeper reads it to find holds
 //! whose lease ran out, and the holds themselves stay authoritative.
@@ -56,6 +56,7 @@ impl ConnectionLike for RedisConnection {
 }
 
 struct Scripts {
+    get: Script,
     load: Script,
     reserve: Script,
     finish: Script,
@@ -102,6 +103,7 @@ impl RedisCache {
             connection,
             prefix: prefix.to_string(),
             scripts: Scripts {
+                get: Script::new(include_str!("scripts/get.lua")),
                 load: Script::new(include_str!("scripts/load.lua")),
                 reserve: Script::new(include_str!("scripts/reserve.lua")),
                 finish: Script::new(include_str!("scripts/finish.lua")),
@@ -152,10 +154,6 @@ impl RedisCache {
     }
 }
 
-fn fen(value: Option<i64>) -> Money {
-    Money::from_fen(value.unwrap_or(0))
-}
-
 #[async_trait]
 impl BalanceCache for RedisCache {
     async fn ping(&self) -> CacheResult<()> {
@@ -166,13 +164,12 @@ impl BalanceCache for RedisCache {
 
     async fn get(&self, account_id: AccountId) -> CacheResult<Option<CachedBalance>> {
         let mut conn = self.connection.clone();
-        let (balance, held, seq): (Option<i64>, Option<i64>, Option<i64>) = deadline(
-            ::redis::cmd("HMGET").arg(self.account_key(account_id)).arg("b").arg("h").arg("s").query_async(&mut conn),
-        )
-        .await?;
-        Ok(match (balance, seq) {
-            (Some(balance), Some(seq)) => {
-                Some(CachedBalance { balance: Money::from_fen(balance), held: fen(held), seq })
+        let mut invocation = self.scripts.get.key(self.account_key(account_id));
+        invocation.key(self.holds_key(account_id));
+        let values: Vec<i64> = deadline(invocation.invoke_async(&mut conn)).await?;
+        Ok(match values.as_slice() {
+            [balance, seq, held] => {
+                Some(CachedBalance { balance: Money::from_fen(*balance), held: Money::from_fen(*held), seq: *seq })
             }
             _ => None,
         })

@@ -42,9 +42,10 @@ pub trait Ledger: Send + Sync + 'static {
     async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>>;
     async fn settlement(&self, key: SettlementKey) -> LedgerResult<Option<SettlementRecord>>;
     async fn refund_by_request(&self, institution_code: &str, request_id: &str) -> LedgerResult<Option<RefundRecord>>;
-    /// True when the write that took this hold committed (a settlement's `setl_id`, or a debit
-    /// adjustment's hold id): the sweeper's question about a hold whose lease ended.
-    async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool>;
+    /// The sweeper's question about a hold whose lease ended: did the write that took it (a
+    /// settlement's `setl_id`, or a debit adjustment's hold id) commit? If not, the answer is made
+    /// final: the hold is fenced in the ledger, so that write can never commit afterwards.
+    async fn resolve_hold(&self, hold_id: &str) -> LedgerResult<bool>;
     /// Postings on one account, newest first, strictly below `before_entry` when given.
     async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>>;
     async fn family(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<FamilyView>;

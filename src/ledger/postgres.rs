@@ -481,15 +481,17 @@ impl Ledger for PostgresLedger {
         }
     }
 
-    async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool> {
+    async fn resolve_hold(&self, hold_id: &str) -> LedgerResult<bool> {
+        // One statement: fence the hold unless its write claimed it, then read whichever fate won.
         let row = self
             .query_opt(
-                "SELECT 1 FROM settlements WHERE setl_id = $1 AND NOT tombstone
-                 UNION ALL SELECT 1 FROM adjustments WHERE hold_id = $1 AND hold_id <> '' LIMIT 1",
+                "WITH fenced AS (INSERT INTO hold_fates (hold_id, committed) VALUES ($1, FALSE)
+                                 ON CONFLICT (hold_id) DO NOTHING RETURNING committed)
+                 SELECT committed FROM fenced UNION ALL SELECT committed FROM hold_fates WHERE hold_id = $1",
                 &[&hold_id],
             )
             .await?;
-        Ok(row.is_some())
+        Ok(row.map(|row| row.get::<_, bool>(0)).unwrap_or(false))
     }
 
     async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>> {
@@ -705,10 +707,12 @@ impl Ledger for PostgresLedger {
         today: NaiveDate,
         lockout_failures: u32,
     ) -> LedgerResult<PinAttempt> {
-        // One statement, atomic across gateways: a lock that ran out starts a fresh count.
-        let row = self
-            .query_opt(
-                "WITH current AS (SELECT failed_count, locked_until FROM pins WHERE psn_no = $1 FOR UPDATE),
+        // One statement, atomic across gateways: a lock that ran out starts a fresh count. If the
+        // state changes between it and the follow-up read (a reset), try once more.
+        for _ in 0..2 {
+            let row = self
+                .query_opt(
+                    "WITH current AS (SELECT failed_count, locked_until FROM pins WHERE psn_no = $1 FOR UPDATE),
                  decided AS (
                      SELECT CASE WHEN locked_until IS NOT NULL AND $2 < locked_until THEN NULL
                                  WHEN locked_until IS NOT NULL THEN 1 ELSE failed_count + 1 END AS failures,
@@ -717,20 +721,20 @@ impl Ledger for PostgresLedger {
                      locked_until = CASE WHEN d.failures >= $3 THEN $2 + 1 ELSE NULL END, updated_at = now()
                  FROM decided d WHERE pins.psn_no = $1 AND d.failures IS NOT NULL
                  RETURNING pins.failed_count",
-                &[&psn_no, &today, &(lockout_failures as i32)],
-            )
-            .await?;
-        if let Some(row) = row {
-            return Ok(PinAttempt::Proceed { failures: row.get::<_, i32>(0) as u32 });
+                    &[&psn_no, &today, &(lockout_failures as i32)],
+                )
+                .await?;
+            if let Some(row) = row {
+                return Ok(PinAttempt::Proceed { failures: row.get::<_, i32>(0) as u32 });
+            }
+            let state = self.query_opt("SELECT locked_until FROM pins WHERE psn_no = $1", &[&psn_no]).await?;
+            match state.map(|row| row.get::<_, Option<NaiveDate>>(0)) {
+                None => return Ok(PinAttempt::NotSet),
+                Some(Some(until)) if today < until => return Ok(PinAttempt::Locked { until }),
+                Some(_) => continue,
+            }
         }
-        let state = self.query_opt("SELECT locked_until FROM pins WHERE psn_no = $1", &[&psn_no]).await?;
-        Ok(match state {
-            None => PinAttempt::NotSet,
-            Some(row) => match row.get::<_, Option<NaiveDate>>(0) {
-                Some(until) => PinAttempt::Locked { until },
-                None => PinAttempt::NotSet,
-            },
-        })
+        Err(LedgerUnavailable("the PIN state kept changing; retry".into()))
     }
 
     async fn pin_attempt_succeeded(&self, psn_no: &str) -> LedgerResult<()> {

@@ -455,6 +455,17 @@ impl Writer<'_, '_> {
         )))
     }
 
+    /// Records that the write holding `hold_id` commits; false when the sweeper fenced it first.
+    fn claim_hold(&self, hold_id: &str) -> Sql<bool> {
+        let inserted = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO hold_fates (hold_id, committed) VALUES (?1, 1) ON CONFLICT (hold_id) DO NOTHING",
+            )?
+            .execute([hold_id])?;
+        Ok(inserted == 1)
+    }
+
     fn close_txn(&self, txn_id: i64) -> Sql<()> {
         self.tx.prepare_cached("INSERT INTO txn_closed (txn_id) VALUES (?1)")?.execute([txn_id])?;
         Ok(())
@@ -484,7 +495,7 @@ impl Writer<'_, '_> {
         if load_refund(self.tx, &new.institution_code, &new.request_id)?.is_some() {
             return Ok(Err(WriteDecline::RequestIdReused));
         }
-        if deadline_passed(new.hold_deadline_ms) {
+        if deadline_passed(new.hold_deadline_ms) || !self.claim_hold(&new.setl_id)? {
             return Ok(Err(WriteDecline::HoldExpired));
         }
         let drawn = Money::sum(new.debits.iter().map(|d| d.amount));
@@ -781,7 +792,7 @@ impl Writer<'_, '_> {
         if let Some(existing) = load_adjustment(self.tx, &new.request_id)? {
             return Ok(Ok(WriteOutcome::AdjustmentExists(existing)));
         }
-        if deadline_passed(new.hold_deadline_ms) {
+        if deadline_passed(new.hold_deadline_ms) || !self.claim_hold(&new.hold_id)? {
             return Ok(Err(WriteDecline::HoldExpired));
         }
         let txn_id =
@@ -926,16 +937,14 @@ impl Ledger for SqliteLedger {
         self.read(move |conn| load_refund(conn, &code, &id)).await
     }
 
-    async fn hold_committed(&self, hold_id: &str) -> LedgerResult<bool> {
+    async fn resolve_hold(&self, hold_id: &str) -> LedgerResult<bool> {
         let hold_id = hold_id.to_string();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT 1 FROM settlements WHERE setl_id = ?1 AND tombstone = 0
-                 UNION ALL SELECT 1 FROM adjustments WHERE hold_id = ?1 AND hold_id <> ''",
-            )?
-            .query_row([hold_id], |_| Ok(()))
-            .optional()
-            .map(|found| found.is_some())
+        self.write(move |conn, _| {
+            conn.execute(
+                "INSERT INTO hold_fates (hold_id, committed) VALUES (?1, 0) ON CONFLICT (hold_id) DO NOTHING",
+                [&hold_id],
+            )?;
+            conn.query_row("SELECT committed FROM hold_fates WHERE hold_id = ?1", [&hold_id], |row| row.get(0))
         })
         .await
     }

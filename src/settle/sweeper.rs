@@ -24,7 +24,7 @@ pub async fn sweep_once(gateway: &Gateway, now_ms: u64) -> usize {
     };
     let mut settled = 0;
     for hold in expired {
-        let committed = match gateway.ledger.hold_committed(&hold.hold_id).await {
+        let committed = match gateway.ledger.resolve_hold(&hold.hold_id).await {
             Ok(committed) => committed,
             Err(error) => {
                 tracing::warn!(%error, "sweeper cannot reach the ledger");

@@ -3,6 +3,5 @@
 local seq = redis.call('HGET', KEYS[1], 's')
 if (not seq) or tonumber(seq) < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'b', ARGV[1], 's', ARGV[2])
-  redis.call('HSETNX', KEYS[1], 'h', 0)
 end
 return 1

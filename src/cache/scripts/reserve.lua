@@ -1,16 +1,16 @@
 -- KEYS[1] account hash, KEYS[2] its holds hash (same hash tag); ARGV hold_id, want_fen.
 -- Holds up to want of what is available; returns the amount held, or -1 if the account is not
 -- loaded. A repeated reserve of the same hold returns what it holds.
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local balance = redis.call('HGET', KEYS[1], 'b')
+if not balance then return -1 end
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
 if existing then return tonumber(existing) end
-local balance = tonumber(redis.call('HGET', KEYS[1], 'b'))
-local held = tonumber(redis.call('HGET', KEYS[1], 'h') or '0')
-local available = balance - held
+local held = 0
+for _, amount in ipairs(redis.call('HVALS', KEYS[2])) do held = held + tonumber(amount) end
+local available = tonumber(balance) - held
 if available < 0 then available = 0 end
 local take = math.min(tonumber(ARGV[2]), available)
 if take > 0 then
   redis.call('HSET', KEYS[2], ARGV[1], take)
-  redis.call('HINCRBY', KEYS[1], 'h', take)
 end
 return take

@@ -139,6 +139,14 @@ CREATE TABLE IF NOT EXISTS adjustments (
 );
 CREATE INDEX IF NOT EXISTS adjustments_by_hold ON adjustments(hold_id);
 
+-- The fate of every hold-taking write, decided once: committed by the write itself, or fenced by
+-- the sweeper after the hold's lease ran out. The primary key makes the two exclusive, across
+-- gateways and whatever their clocks say.
+CREATE TABLE IF NOT EXISTS hold_fates (
+    hold_id   TEXT PRIMARY KEY,
+    committed BOOLEAN NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS pins (
     psn_no       TEXT PRIMARY KEY REFERENCES persons(psn_no),
     phc          TEXT NOT NULL,
@@ -288,6 +296,11 @@ BEGIN
     IF w->>'hold_deadline_ms' IS NOT NULL AND p_now_ms > (w->>'hold_deadline_ms')::BIGINT THEN
         RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
     END IF;
+    -- Claim the hold's fate; a sweeper that fenced it first wins (its hold is already released).
+    INSERT INTO hold_fates (hold_id, committed) VALUES (w->>'setl_id', TRUE) ON CONFLICT (hold_id) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
+    END IF;
     SELECT COALESCE(SUM((d->>'amount')::NUMERIC), 0) INTO v_drawn FROM jsonb_array_elements(w->'debits') d;
     IF w->>'no_pin_daily_max' IS NOT NULL THEN
         -- Serialise the payer's no-PIN payments across gateways, then count today's.
@@ -388,6 +401,12 @@ BEGIN
     IF NOT FOUND OR v_s.institution_code <> w->>'institution_code' OR v_s.tombstone THEN
         RETURN jsonb_build_object('decline', 'NOT_FOUND');
     END IF;
+    -- A retry of this refund on another gateway may have committed while we waited for the lock.
+    SELECT refund_id INTO v_existing FROM refunds
+     WHERE institution_code = w->>'institution_code' AND request_id = w->>'request_id';
+    IF FOUND THEN
+        RETURN jsonb_build_object('outcome', 'refund_exists', 'record', yibao_refund_json(v_existing));
+    END IF;
     v_refundable := CASE WHEN v_s.status = 'REVERSED' THEN 0 ELSE v_s.acct_pay + v_s.mulaid - v_s.refunded END;
     v_amount := COALESCE((w->>'amount')::NUMERIC, v_refundable);
     IF v_amount = 0 OR v_amount > v_refundable THEN
@@ -465,6 +484,10 @@ BEGIN
         IF w->>'hold_deadline_ms' IS NOT NULL AND p_now_ms > (w->>'hold_deadline_ms')::BIGINT THEN
             RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
         END IF;
+        INSERT INTO hold_fates (hold_id, committed) VALUES (w->>'hold_id', TRUE) ON CONFLICT (hold_id) DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
+        END IF;
         INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
         VALUES ('ADJUSTMENT', w->>'request_id', (w->>'at')::TIMESTAMPTZ, v_date, (w->>'value_date')::DATE, w->>'reason')
         RETURNING txn_id INTO v_txn;
@@ -527,6 +550,11 @@ BEGIN
                     ELSE NULL END;
                 v_result := COALESCE(v_result, jsonb_build_object('decline', 'RETRY'));
             WHEN deadlock_detected OR serialization_failure THEN
+                v_result := jsonb_build_object('decline', 'RETRY');
+            WHEN OTHERS THEN
+                -- Unforeseen: refuse this write alone (nothing of it applied), keep the others.
+                GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
+                RAISE WARNING 'yibao_commit refused a write: %', v_message;
                 v_result := jsonb_build_object('decline', 'RETRY');
         END;
         v_results := v_results || jsonb_build_array(v_result);

@@ -143,6 +143,13 @@ CREATE TABLE IF NOT EXISTS adjustments (
 
 CREATE INDEX IF NOT EXISTS adjustments_by_hold ON adjustments(hold_id);
 
+-- The fate of every hold-taking write, decided once: committed by the write itself, or fenced by
+-- the sweeper after the hold's lease ran out. The primary key makes the two exclusive.
+CREATE TABLE IF NOT EXISTS hold_fates (
+    hold_id   TEXT PRIMARY KEY,
+    committed INTEGER NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS pins (
     psn_no        TEXT PRIMARY KEY REFERENCES persons(psn_no),
     phc           TEXT NOT NULL,
