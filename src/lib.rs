@@ -18,6 +18,7 @@ pub mod domain;
 pub mod error;
 pub mod gateway;
 pub mod ledger;
+pub mod loadgen;
 pub mod pin;
 pub mod rpc;
 pub mod settle;

@@ -1,6 +1,7 @@
 //! The command line: `yibao serve` runs the gateway; every other subcommand is a gRPC client for
 //! people at a terminal (a HIS engineer trying a settlement, an operator at a window).
 
+mod bench;
 mod client;
 mod serve;
 
@@ -22,6 +23,9 @@ pub struct Cli {
 enum Command {
     /// Run the gateway (embedded default: SQLite ledger, in-process balances).
     Serve(serve::ServeArgs),
+    /// Load benchmark: open-loop settlements, and the baselines (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -37,6 +41,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Bench(command) => runtime.block_on(bench::run(command)),
         Command::Client(command) => runtime.block_on(client::run(command)),
     }
 }

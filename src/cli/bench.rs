@@ -1,0 +1,149 @@
+//! `yibao bench`: the load generator and its baselines (see BENCHMARKS.md and scripts/bench.sh).
+
+use crate::loadgen::{self, baseline, LoadOptions, Population, Report};
+use crate::pin::PinCost;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Open-loop settlements against a running gateway (sets up its population first).
+    Run(RunArgs),
+    /// The same load against an in-process no-op Settle: the framework's ceiling.
+    Noop(LoadArgs),
+    /// argon2id PIN verifications per second.
+    Argon2 {
+        #[arg(long, default_value_t = 19456)]
+        memory_kib: u32,
+        #[arg(long, default_value_t = 2)]
+        passes: u32,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Offered rate, settlements per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Share of traffic on the hottest 1% of accounts.
+    #[arg(long, default_value_t = 0.0)]
+    hot_share: f64,
+    /// Share paying by card + PIN.
+    #[arg(long, default_value_t = 0.0)]
+    pin_share: f64,
+    /// Share by payers drawing on 1–3 family accounts.
+    #[arg(long, default_value_t = 0.0)]
+    family_share: f64,
+    #[arg(long, default_value = "1.23")]
+    amount: String,
+    /// A name for the report.
+    #[arg(long, default_value = "run")]
+    scenario: String,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Requests in flight at most (beyond it: CLIENT_OVERLOAD errors).
+    #[arg(long, default_value_t = 20_000)]
+    in_flight_max: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long, env = "YIBAO_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// An operator key, to set the population up.
+    #[arg(long, env = "YIBAO_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: String,
+    /// Funded accounts in the population.
+    #[arg(long, default_value_t = 100_000)]
+    accounts: usize,
+    /// Person-number prefix of the population; reuse one to skip most set-up work.
+    #[arg(long, default_value = "BN")]
+    prefix: String,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+fn options(load: &LoadArgs, server: String) -> LoadOptions {
+    LoadOptions {
+        server,
+        rate: load.rate,
+        duration: Duration::from_secs(load.seconds),
+        connections: load.connections,
+        hot_share: load.hot_share,
+        pin_share: load.pin_share,
+        family_share: load.family_share,
+        amount: load.amount.clone(),
+        run_id: format!("{}{}", load.scenario, chrono::Utc::now().format("%H%M%S%3f")),
+        in_flight_max: load.in_flight_max,
+    }
+}
+
+fn publish(report: &Report, json: &Option<PathBuf>) -> ExitCode {
+    println!("{}", report.summary_line());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(report).unwrap_or_default();
+        if let Err(error) = std::fs::write(path, text) {
+            eprintln!("error: cannot write {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub async fn run(command: BenchCommand) -> ExitCode {
+    let outcome = match command {
+        BenchCommand::Run(args) => {
+            let options = options(&args.load, args.server.clone());
+            let channel = match loadgen::connect(&args.server, 1).await {
+                Ok(mut channels) => channels.remove(0),
+                Err(message) => return fail(&message),
+            };
+            let population =
+                match loadgen::setup(channel, &args.operator_key, &args.prefix, args.accounts, &options.run_id).await {
+                    Ok(population) => population,
+                    Err(message) => return fail(&message),
+                };
+            loadgen::run(&args.load.scenario, &options, &population)
+                .await
+                .map(|report| publish(&report, &args.load.json))
+        }
+        BenchCommand::Noop(load) => {
+            let address = match baseline::spawn_noop_server().await {
+                Ok(address) => address,
+                Err(message) => return fail(&message),
+            };
+            let options = options(&load, format!("http://{address}"));
+            let population = Population {
+                institution_key: "noop".into(),
+                payers: (0..1000).map(|i| format!("N{i:08}")).collect(),
+                family_payers: Vec::new(),
+                pin_payers: Vec::new(),
+            };
+            loadgen::run(&load.scenario, &options, &population).await.map(|report| publish(&report, &load.json))
+        }
+        BenchCommand::Argon2 { memory_kib, passes, threads, seconds } => {
+            let cost = PinCost { memory_kib, passes };
+            baseline::argon2_rate(cost, threads, Duration::from_secs(seconds)).await.map(|rate| {
+                println!("argon2id m={memory_kib}KiB t={passes} threads={threads}: {rate:.1} verifications/s");
+                ExitCode::SUCCESS
+            })
+        }
+    };
+    outcome.unwrap_or_else(|message| fail(&message))
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,209 @@
+//! The load generator behind `yibao bench`: an open-loop gRPC client. Requests are sent on a fixed
+//! schedule (rate × duration) whatever the answers do, and each latency is measured from the
+//! request's *scheduled* time, so a slow gateway shows up as latency instead of hiding as a lower
+//! offered rate (no coordinated omission). Latencies go into an HDR histogram.
+//!
+//! It sets up its own people, balances, families, PINs and institution through the API (or reuses
+//! a prefix set up before), then reports offered and achieved rate, p50 / p90 / p99 / p99.9 / max,
+//! and errors by reason, as one summary line and a JSON file.
+
+pub mod baseline;
+mod setup;
+
+use crate::rpc::pb;
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub use setup::{setup, Population};
+
+/// The PIN every PIN-paying bench person gets.
+pub const BENCH_PIN: &str = "284617";
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub server: String,
+    /// Offered rate, requests per second.
+    pub rate: f64,
+    pub duration: Duration,
+    /// gRPC connections, used round-robin.
+    pub connections: usize,
+    /// Share of requests on the hottest 1% of accounts (0.0–1.0).
+    pub hot_share: f64,
+    /// Share of requests paid by card + PIN (the rest by e-voucher, PIN-exempt).
+    pub pin_share: f64,
+    /// Share of requests by payers whose own account is empty, drawing on 1–3 family accounts.
+    pub family_share: f64,
+    /// Amount per settlement, yuan.
+    pub amount: String,
+    /// Unique per run: request ids are `<run_id>-<n>`.
+    pub run_id: String,
+    /// Requests in flight at most; beyond it a request counts as an error (CLIENT_OVERLOAD)
+    /// rather than queueing silently in the client.
+    pub in_flight_max: usize,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub offered_rate: f64,
+    pub achieved_rate: f64,
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub duration_s: f64,
+    pub connections: usize,
+}
+
+impl Report {
+    pub fn summary_line(&self) -> String {
+        let errors: Vec<String> = self.errors.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
+        format!(
+            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]",
+            self.scenario,
+            self.offered_rate,
+            self.achieved_rate,
+            self.ok,
+            self.sent,
+            self.p50_ms,
+            self.p90_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.max_ms,
+            errors.join(" ")
+        )
+    }
+}
+
+struct Tally {
+    histogram: Histogram<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    last_answer: Option<Instant>,
+}
+
+fn reason_of(status: &tonic::Status) -> String {
+    let details = tonic_types::StatusExt::get_error_details(status);
+    details.error_info().map(|info| info.reason.clone()).unwrap_or_else(|| format!("{:?}", status.code()))
+}
+
+/// A deterministic pseudo-random sequence (SplitMix64), so runs are repeatable.
+pub struct Mix(u64);
+
+impl Mix {
+    pub fn new(seed: u64) -> Mix {
+        Mix(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+pub async fn connect(server: &str, connections: usize) -> Result<Vec<Channel>, String> {
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections.max(1) {
+        let channel = Channel::from_shared(server.to_string())
+            .map_err(|e| format!("bad server address {server}: {e}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {server}: {e}"))?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+/// Runs the open-loop load against a set-up population and reports.
+pub async fn run(scenario: &str, options: &LoadOptions, population: &Population) -> Result<Report, String> {
+    let channels = connect(&options.server, options.connections).await?;
+    let total = (options.rate * options.duration.as_secs_f64()).round() as u64;
+    let interval = Duration::from_secs_f64(1.0 / options.rate);
+    let tally = Arc::new(Mutex::new(Tally {
+        histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        ok: 0,
+        errors: BTreeMap::new(),
+        last_answer: None,
+    }));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(options.in_flight_max));
+    let mut mix = Mix::new(0x5EED ^ total);
+    let key = population.institution_key.clone();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let scheduled = started + interval.mul_f64(n as f64);
+        let now = Instant::now();
+        if scheduled > now {
+            tokio::time::sleep_until(scheduled.into()).await;
+        }
+        let request = population.request(options, &mut mix, n);
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            *tally.lock().unwrap().errors.entry("CLIENT_OVERLOAD".into()).or_default() += 1;
+            continue;
+        };
+        let mut client = pb::settlement_service_client::SettlementServiceClient::new(
+            channels[(n as usize) % channels.len()].clone(),
+        );
+        let (tally, key) = (tally.clone(), key.clone());
+        tasks.spawn(async move {
+            let mut request = tonic::Request::new(request);
+            if let Ok(value) = format!("Bearer {key}").parse() {
+                request.metadata_mut().insert("authorization", value);
+            }
+            request.set_timeout(Duration::from_secs(30));
+            let result = client.settle(request).await;
+            let answered = Instant::now();
+            let latency_us = answered.saturating_duration_since(scheduled).as_micros().max(1) as u64;
+            drop(permit);
+            let mut tally = tally.lock().unwrap();
+            tally.last_answer = Some(tally.last_answer.map_or(answered, |last| last.max(answered)));
+            match result {
+                Ok(_) => {
+                    tally.ok += 1;
+                    let _ = tally.histogram.record(latency_us.min(60_000_000));
+                }
+                Err(status) => *tally.errors.entry(reason_of(&status)).or_default() += 1,
+            }
+        });
+        // Reap finished tasks as we go so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let tally = tally.lock().unwrap();
+    let elapsed =
+        tally.last_answer.unwrap_or_else(Instant::now).saturating_duration_since(started).as_secs_f64().max(1e-9);
+    let ms = |q: f64| tally.histogram.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        scenario: scenario.to_string(),
+        offered_rate: options.rate,
+        achieved_rate: tally.ok as f64 / elapsed,
+        sent: total,
+        ok: tally.ok,
+        errors: tally.errors.clone(),
+        p50_ms: ms(0.50),
+        p90_ms: ms(0.90),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: tally.histogram.max() as f64 / 1000.0,
+        duration_s: elapsed,
+        connections: channels.len(),
+    })
+}

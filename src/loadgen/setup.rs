@@ -1,0 +1,199 @@
+//! The bench population, set up through the API as an operator would: people with balances, a
+//! group of payers with empty own accounts who draw on 1–3 family accounts, a group with PINs, and
+//! an institution. Idempotent for a prefix: a second run reuses what is there.
+
+use super::{LoadOptions, Mix, BENCH_PIN};
+use crate::rpc::pb;
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+/// Calls in flight during set-up.
+const SETUP_CONCURRENCY: usize = 64;
+/// Opening balance of every funded bench account: far more than a run spends.
+const OPENING: &str = "100000.00";
+
+#[derive(Debug, Clone)]
+pub struct Population {
+    pub institution_key: String,
+    /// Funded accounts; the first 1% are the hot ones.
+    pub payers: Vec<String>,
+    /// Payers with an empty own account and 1–3 registered family accounts.
+    pub family_payers: Vec<String>,
+    /// Funded payers with a PIN (BENCH_PIN).
+    pub pin_payers: Vec<String>,
+}
+
+impl Population {
+    /// The n-th request of a run, drawn by the scenario's shares.
+    pub fn request(&self, options: &LoadOptions, mix: &mut Mix, n: u64) -> pb::SettleRequest {
+        let pick = mix.unit();
+        let (psn_no, card) = if pick < options.pin_share && !self.pin_payers.is_empty() {
+            (&self.pin_payers[mix.below(self.pin_payers.len())], true)
+        } else if pick < options.pin_share + options.family_share && !self.family_payers.is_empty() {
+            (&self.family_payers[mix.below(self.family_payers.len())], false)
+        } else if mix.unit() < options.hot_share {
+            let hot = (self.payers.len() / 100).max(1);
+            (&self.payers[mix.below(hot)], false)
+        } else {
+            (&self.payers[mix.below(self.payers.len())], false)
+        };
+        pb::SettleRequest {
+            request_id: format!("{}-{n}", options.run_id),
+            psn_no: psn_no.clone(),
+            amount: options.amount.clone(),
+            channel: if card { pb::Channel::Card } else { pb::Channel::EVoucher } as i32,
+            category: pb::Category::Outpatient as i32,
+            mode: pb::PayMode::Partial as i32,
+            pin: if card { BENCH_PIN.into() } else { String::new() },
+            ec_token: if card { String::new() } else { "bench".into() },
+            ..Default::default()
+        }
+    }
+}
+
+fn auth<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {key}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// Runs `work` over `items` with bounded concurrency, printing progress on one line.
+async fn for_all<F, Fut>(label: &str, items: Vec<String>, work: F) -> Result<(), String>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let total = items.len();
+    let work = Arc::new(work);
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(SETUP_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (done, item) in items.into_iter().enumerate() {
+        let permit = semaphore.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let work = work.clone();
+        tasks.spawn(async move {
+            let result = work(item).await;
+            drop(permit);
+            result
+        });
+        while let Some(result) = tasks.try_join_next() {
+            result.map_err(|e| e.to_string())??;
+        }
+        if done % 1000 == 0 {
+            eprint!("\r{label}: {done}/{total}");
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.map_err(|e| e.to_string())??;
+    }
+    eprintln!("\r{label}: {total}/{total}");
+    Ok(())
+}
+
+fn ignore_exists(result: Result<(), tonic::Status>) -> Result<(), String> {
+    match result {
+        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
+        other => other.map_err(|status| format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+/// Sets up (or reuses) the population `prefix` on the gateway at `channel`.
+pub async fn setup(
+    channel: Channel,
+    operator_key: &str,
+    prefix: &str,
+    accounts: usize,
+    run_id: &str,
+) -> Result<Population, String> {
+    let accounts = accounts.max(100);
+    let payers: Vec<String> = (0..accounts).map(|i| format!("{prefix}{i:08}")).collect();
+    let family_payers: Vec<String> = (0..(accounts / 10).max(10)).map(|i| format!("{prefix}F{i:07}")).collect();
+    let pin_payers: Vec<String> = payers.iter().step_by((accounts / 1000).max(1)).take(1000).cloned().collect();
+    let key = operator_key.to_string();
+
+    let upsert = |key: String, channel: Channel| {
+        move |psn_no: String| {
+            let (key, channel) = (key.clone(), channel.clone());
+            async move {
+                let mut admin = pb::admin_service_client::AdminServiceClient::new(channel);
+                let person = pb::UpsertPersonRequest {
+                    psn_no: psn_no.clone(),
+                    name: psn_no.clone(),
+                    birth_date: "1980-01-01".into(),
+                    region: "110000".into(),
+                    category: pb::PersonCategory::Employee as i32,
+                    status: pb::InsuranceStatus::Active as i32,
+                };
+                admin.upsert_person(auth(person, &key)).await.map_err(|s| s.message().to_string())?;
+                Ok::<(), String>(())
+            }
+        }
+    };
+    for_all("people", payers.clone(), upsert(key.clone(), channel.clone())).await?;
+    for_all("family payers", family_payers.clone(), upsert(key.clone(), channel.clone())).await?;
+    let (k, c) = (key.clone(), channel.clone());
+    for_all("balances", payers.clone(), move |psn_no: String| {
+        let (key, channel) = (k.clone(), c.clone());
+        async move {
+            let mut admin = pb::admin_service_client::AdminServiceClient::new(channel);
+            let credit = pb::AdjustRequest {
+                request_id: format!("bench-open-{psn_no}"),
+                psn_no,
+                amount: OPENING.into(),
+                direction: pb::AdjustDirection::Credit as i32,
+                reason: "bench opening balance".into(),
+                value_date: String::new(),
+            };
+            admin.adjust(auth(credit, &key)).await.map(|_| ()).map_err(|s| s.message().to_string())
+        }
+    })
+    .await?;
+    // Family payer i draws on 1–3 funded accounts, in registration order.
+    let payers_for_family = Arc::new(payers.clone());
+    let (k, c) = (key.clone(), channel.clone());
+    for_all("families", family_payers.clone(), move |member: String| {
+        let (key, channel, payers) = (k.clone(), c.clone(), payers_for_family.clone());
+        async move {
+            let mut account = pb::account_service_client::AccountServiceClient::new(channel);
+            let index: usize = member.rsplit('F').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let mut mix = Mix::new(index as u64);
+            let relations = [pb::Relation::Spouse, pb::Relation::Parent, pb::Relation::Child];
+            for (slot, relation) in relations.iter().take(1 + index % 3).enumerate() {
+                let owner = payers[(index * 7 + slot * 13 + mix.below(5)) % payers.len()].clone();
+                let request = pb::RegisterFamilyMemberRequest {
+                    owner_psn_no: owner,
+                    member_psn_no: member.clone(),
+                    relation: *relation as i32,
+                };
+                ignore_exists(account.register_family_member(auth(request, &key)).await.map(|_| ()))?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let (k, c) = (key.clone(), channel.clone());
+    for_all("PINs", pin_payers.clone(), move |psn_no: String| {
+        let (key, channel) = (k.clone(), c.clone());
+        async move {
+            let mut account = pb::account_service_client::AccountServiceClient::new(channel);
+            let request = pb::SetPinRequest { psn_no, new_pin: BENCH_PIN.into() };
+            ignore_exists(account.set_pin(auth(request, &key)).await.map(|_| ()))
+        }
+    })
+    .await?;
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel);
+    let institution = pb::RegisterInstitutionRequest {
+        code: format!("B{}", run_id.replace(|c: char| !c.is_ascii_alphanumeric(), "")),
+        name: "bench hospital".into(),
+        kind: pb::InstitutionKind::Hospital as i32,
+        region: "110000".into(),
+    };
+    let institution_key = admin
+        .register_institution(auth(institution, &key))
+        .await
+        .map_err(|s| format!("register the bench institution: {}", s.message()))?
+        .into_inner()
+        .api_key;
+    Ok(Population { institution_key, payers, family_payers, pin_payers })
+}
