@@ -184,7 +184,8 @@ pub async fn setup(
     .await?;
     let mut admin = pb::admin_service_client::AdminServiceClient::new(channel);
     let institution = pb::RegisterInstitutionRequest {
-        code: format!("B{}", run_id.replace(|c: char| !c.is_ascii_alphanumeric(), "")),
+        // A fresh institution per run, its code short and valid whatever the scenario name.
+        code: format!("B{}", &crate::gateway::digest(&[run_id])[..16]),
         name: "bench hospital".into(),
         kind: pb::InstitutionKind::Hospital as i32,
         region: "110000".into(),
