@@ -101,6 +101,7 @@ pub struct AdjustCommand {
 /// An audited manual correction. A debit takes a hold first, like a payment, so the cache never
 /// overstates; the ledger's own check refuses a negative balance.
 pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<AdjustmentRecord> {
+    let _admitted = gateway.admit()?;
     let today = gateway.clock.today();
     let value_date = command.value_date.unwrap_or(today);
     if value_date > today {

@@ -95,7 +95,12 @@ pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartE
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let pins =
         PinHasher::new(pepper(config)?, config.pin_cost, cores).map_err(|e| StartError::Config(e.to_string()))?;
-    let committer = Committer::start(ledger.clone(), config.settings.batch_len_max, config.settings.commit_queue_max);
+    let committer = Committer::start(
+        ledger.clone(),
+        config.settings.batch_len_max,
+        config.settings.commit_queue_max,
+        std::time::Duration::from_millis(config.settings.commit_timeout_ms),
+    );
     let gateway = Arc::new(Gateway {
         ledger: ledger.clone(),
         cache,
@@ -104,6 +109,7 @@ pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartE
         policies,
         clock,
         settings: config.settings.clone(),
+        admission: Arc::new(tokio::sync::Semaphore::new(config.settings.in_flight_max.max(1))),
     });
     crate::settle::sweeper::spawn(Arc::downgrade(&gateway), Duration::from_secs(1));
     let auth = Arc::new(Authenticator::new(ledger, config.operator_key.as_deref()));

@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub hold_lease_ms: Option<u64>,
     pub commit_timeout_ms: Option<u64>,
     pub batch_len_max: Option<usize>,
+    /// Money-moving requests in flight at most (admission control).
+    pub in_flight_max: Option<usize>,
 }
 
 /// What `yibao serve` runs with, validated.
@@ -144,6 +146,7 @@ impl Config {
             commit_timeout_ms: file.commit_timeout_ms.unwrap_or(defaults.commit_timeout_ms),
             batch_len_max: file.batch_len_max.unwrap_or(defaults.batch_len_max),
             commit_queue_max: defaults.commit_queue_max,
+            in_flight_max: file.in_flight_max.unwrap_or(defaults.in_flight_max),
         };
         if settings.commit_timeout_ms >= settings.hold_lease_ms {
             return Err(ConfigError::Invalid("commit_timeout_ms must be shorter than hold_lease_ms".into()));

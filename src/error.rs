@@ -33,6 +33,8 @@ pub enum Reason {
     NotRegisteredFamily,
     AlreadyExists,
     BackendUnavailable,
+    /// Too many payments in flight: refused at once, safe to retry.
+    Overloaded,
     Internal,
 }
 
@@ -64,6 +66,7 @@ impl Reason {
             Reason::NotRegisteredFamily => "NOT_REGISTERED_FAMILY",
             Reason::AlreadyExists => "ALREADY_EXISTS",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
+            Reason::Overloaded => "OVERLOADED",
             Reason::Internal => "INTERNAL",
         }
     }

@@ -24,11 +24,20 @@ pub struct Settings {
     pub batch_len_max: usize,
     /// Writes waiting for the committer at most; more wait to enqueue.
     pub commit_queue_max: usize,
+    /// Money-moving requests in flight at most; beyond it a request is refused at once with
+    /// OVERLOADED rather than queueing past its deadline (which would only waste work).
+    pub in_flight_max: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { hold_lease_ms: 30_000, commit_timeout_ms: 10_000, batch_len_max: 256, commit_queue_max: 4096 }
+        Settings {
+            hold_lease_ms: 30_000,
+            commit_timeout_ms: 10_000,
+            batch_len_max: 256,
+            commit_queue_max: 4096,
+            in_flight_max: 1024,
+        }
     }
 }
 
@@ -40,9 +49,18 @@ pub struct Gateway {
     pub policies: Policies,
     pub clock: Arc<dyn Clock>,
     pub settings: Settings,
+    /// Admission: one permit per money-moving request in flight (`Settings::in_flight_max`).
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
+    /// A permit to move money now, or OVERLOADED at once.
+    pub fn admit(&self) -> Outcome<tokio::sync::OwnedSemaphorePermit> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            Failure::new(Reason::Overloaded, "the gateway is at capacity; retry shortly (nothing was done)")
+        })
+    }
+
     pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {
         self.policies
             .region(region)

@@ -4,6 +4,7 @@
 mod common;
 
 on_both_backends!(
+    an_overloaded_gateway_refuses_at_once_and_changes_nothing,
     own_account_first_then_family_in_the_payers_order,
     partial_leaves_the_rest_to_cash_and_full_only_is_all_or_nothing,
     fifty_concurrent_full_only_payments_against_one_account,
@@ -880,4 +881,17 @@ async fn settled_money_survives_a_restart_and_the_cache_reloads(backend: Backend
     let paid = gw.settle(&key, settle_request("r2", "P1", "80.00")).await.unwrap();
     assert_eq!((paid.acct_pay.as_str(), paid.psn_cash_pay.as_str()), ("70.00", "10.00"));
     gw.assert_books_balance().await;
+}
+
+async fn an_overloaded_gateway_refuses_at_once_and_changes_nothing(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let key = gw.hospital().await;
+    gw.employee("P1", "10.00").await;
+    let admission = gw.app.gateway.admission.clone();
+    let all = admission.clone().acquire_many_owned(gw.app.gateway.settings.in_flight_max as u32).await.unwrap();
+    assert_refused(gw.settle(&key, settle_request("busy", "P1", "1.00")).await, Code::Unavailable, "OVERLOADED");
+    assert_eq!(gw.balance_of("P1").await, "10.00");
+    drop(all);
+    let paid = gw.settle(&key, settle_request("busy", "P1", "1.00")).await.unwrap();
+    assert_eq!(paid.balc, "9.00", "the retry of a refused request goes through");
 }

@@ -16,7 +16,7 @@ pub fn code(reason: Reason) -> Code {
         Reason::PermissionDenied | Reason::PinIncorrect | Reason::PinLocked => Code::PermissionDenied,
         Reason::UnknownPerson | Reason::NotFound => Code::NotFound,
         Reason::RequestIdReused | Reason::AlreadyExists => Code::AlreadyExists,
-        Reason::BackendUnavailable => Code::Unavailable,
+        Reason::BackendUnavailable | Reason::Overloaded => Code::Unavailable,
         Reason::Internal => Code::Internal,
         Reason::NoAccount
         | Reason::PinRequired

@@ -112,6 +112,7 @@ async fn run(
     if dry_run {
         return attempt(gateway, institution, command, &fingerprint, true).await;
     }
+    let _admitted = gateway.admit()?;
     // The fast path: a replay the cache remembers is answered from the ledger's record.
     if let Ok(Some(setl_id)) = gateway.cache.recall_request(&institution.code, &command.request_id).await {
         if let Some(existing) = gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {

@@ -45,6 +45,7 @@ pub async fn refund(
     if let Some(existing) = gateway.ledger.refund_by_request(&institution.code, &command.request_id).await? {
         return refund_replay(existing, &fingerprint);
     }
+    let _admitted = gateway.admit()?;
     let now = gateway.clock.now();
     let new = NewRefund {
         refund_id: gateway.new_id('R'),
@@ -77,6 +78,7 @@ pub async fn reverse(
     institution: &InstitutionRecord,
     original_request_id: String,
 ) -> Outcome<SettlementRecord> {
+    let _admitted = gateway.admit()?;
     let now = gateway.clock.now();
     let command = ReverseCommand {
         institution_code: institution.code.clone(),
