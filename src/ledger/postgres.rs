@@ -278,7 +278,56 @@ fn changes_from_json(value: &Value) -> LedgerResult<Vec<BalanceChange>> {
         .collect()
 }
 
-fn outcome_from_json(value: &Value) -> LedgerResult<WriteResult> {
+/// The record of a settlement just written: what the write said, and what the ledger computed.
+fn settled_record(new: &NewSettlement, value: &Value) -> LedgerResult<SettlementRecord> {
+    let drawn = Money::sum(new.debits.iter().map(|d| d.amount));
+    let acct_pay = Money::sum(new.debits.iter().filter(|d| !d.family).map(|d| d.amount));
+    Ok(SettlementRecord {
+        setl_id: new.setl_id.clone(),
+        institution_code: new.institution_code.clone(),
+        request_id: new.request_id.clone(),
+        fingerprint: new.fingerprint.clone(),
+        psn_no: new.psn_no.clone(),
+        status: SettlementStatus::Settled,
+        amount: new.amount,
+        acct_pay,
+        acct_mulaid_pay: drawn.checked_sub(acct_pay).ok_or_else(|| corrupt("family part"))?,
+        psn_cash_pay: new.amount.checked_sub(drawn).ok_or_else(|| corrupt("cash part"))?,
+        balc: j_money(value, "balc")?,
+        refunded: Money::ZERO,
+        channel: Some(new.channel),
+        category: Some(new.category),
+        auth_method: Some(new.auth_method),
+        mdtrt_id: new.mdtrt_id.clone(),
+        beneficiary_psn_no: new.beneficiary_psn_no.clone(),
+        // Stored with microsecond precision, as sent.
+        settled_at: DateTime::from_timestamp_micros(new.at.timestamp_micros()).ok_or_else(|| corrupt("settled_at"))?,
+        debits: new
+            .debits
+            .iter()
+            .map(|d| DebitRecord {
+                account_id: d.account_id,
+                owner_psn_no: d.owner_psn_no.clone(),
+                amount: d.amount,
+                refunded: Money::ZERO,
+                family: d.family,
+            })
+            .collect(),
+        tombstone: false,
+    })
+}
+
+fn outcome_from_json(write: &LedgerWrite, value: &Value) -> LedgerResult<WriteResult> {
+    if let (LedgerWrite::Settle(new), Some("settled")) = (write, value.get("outcome").and_then(Value::as_str)) {
+        return Ok(Ok(WriteOutcome::Settled {
+            record: settled_record(new, value)?,
+            changes: changes_from_json(value)?,
+        }));
+    }
+    outcome_from_answer(value)
+}
+
+fn outcome_from_answer(value: &Value) -> LedgerResult<WriteResult> {
     if let Some(decline) = value.get("decline").and_then(Value::as_str) {
         let account_id = value.get("account_id").and_then(Value::as_i64).unwrap_or(0);
         return Ok(Err(match decline {
@@ -403,7 +452,7 @@ impl Ledger for PostgresLedger {
         if results.len() != count {
             return Err(corrupt("one outcome per write"));
         }
-        results.iter().map(outcome_from_json).collect()
+        writes.iter().zip(results).map(|(write, value)| outcome_from_json(write, value)).collect()
     }
 
     async fn ping(&self) -> LedgerResult<()> {

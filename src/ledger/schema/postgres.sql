@@ -43,8 +43,10 @@ CREATE TABLE IF NOT EXISTS txns (
 
 CREATE TABLE IF NOT EXISTS postings (
     posting_id    BIGSERIAL PRIMARY KEY,
-    txn_id        BIGINT NOT NULL REFERENCES txns(txn_id),
-    account_id    BIGINT NOT NULL REFERENCES accounts(account_id),
+    -- No foreign keys on this append-only hot table: each would cost a lookup and a KEY SHARE
+    -- lock per row; yibao_post is the only writer, and the trial balance audits the links.
+    txn_id        BIGINT NOT NULL,
+    account_id    BIGINT NOT NULL,
     amount        NUMERIC(18,2) NOT NULL,
     balance_after NUMERIC(18,2) NOT NULL,
     seq           BIGINT NOT NULL,
@@ -53,6 +55,7 @@ CREATE TABLE IF NOT EXISTS postings (
     counterparty  TEXT NOT NULL DEFAULT '',
     business_date DATE NOT NULL
 );
+ALTER TABLE postings DROP CONSTRAINT IF EXISTS postings_txn_id_fkey, DROP CONSTRAINT IF EXISTS postings_account_id_fkey;
 CREATE INDEX IF NOT EXISTS postings_by_account ON postings(account_id, posting_id);
 CREATE INDEX IF NOT EXISTS postings_by_txn ON postings(txn_id);
 
@@ -92,7 +95,7 @@ CREATE TABLE IF NOT EXISTS settlements (
 CREATE INDEX IF NOT EXISTS settlements_no_pin ON settlements(psn_no, business_date);
 
 CREATE TABLE IF NOT EXISTS settlement_debits (
-    setl_id      TEXT NOT NULL REFERENCES settlements(setl_id),
+    setl_id      TEXT NOT NULL,  -- written only by yibao_settle, with its settlement
     position     INTEGER NOT NULL,
     account_id   BIGINT NOT NULL,
     owner_psn_no TEXT NOT NULL,
@@ -102,6 +105,8 @@ CREATE TABLE IF NOT EXISTS settlement_debits (
     PRIMARY KEY (setl_id, position),
     CONSTRAINT debit_refunds_within_amount CHECK (refunded >= 0 AND refunded <= amount)
 );
+
+ALTER TABLE settlement_debits DROP CONSTRAINT IF EXISTS settlement_debits_setl_id_fkey;
 
 CREATE TABLE IF NOT EXISTS refunds (
     refund_id          TEXT PRIMARY KEY,
@@ -338,7 +343,8 @@ BEGIN
             (v_debit->>'amount')::NUMERIC, (v_debit->>'family')::BOOLEAN);
         v_pos := v_pos + 1;
     END LOOP;
-    RETURN jsonb_build_object('outcome', 'settled', 'record', yibao_settlement_json(w->>'setl_id'), 'changes', v_changes);
+    -- The caller knows everything else about the record it wrote; re-reading it would double the cost.
+    RETURN jsonb_build_object('outcome', 'settled', 'balc', v_balc::TEXT, 'changes', v_changes);
 END $$;
 
 -- Credits back p_amounts[i] to debit i of a settlement (last-drawn first) and takes the total
