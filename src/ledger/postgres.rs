@@ -278,51 +278,10 @@ fn changes_from_json(value: &Value) -> LedgerResult<Vec<BalanceChange>> {
         .collect()
 }
 
-/// The record of a settlement just written: what the write said, and what the ledger computed.
-fn settled_record(new: &NewSettlement, value: &Value) -> LedgerResult<SettlementRecord> {
-    let drawn = Money::sum(new.debits.iter().map(|d| d.amount));
-    let acct_pay = Money::sum(new.debits.iter().filter(|d| !d.family).map(|d| d.amount));
-    Ok(SettlementRecord {
-        setl_id: new.setl_id.clone(),
-        institution_code: new.institution_code.clone(),
-        request_id: new.request_id.clone(),
-        fingerprint: new.fingerprint.clone(),
-        psn_no: new.psn_no.clone(),
-        status: SettlementStatus::Settled,
-        amount: new.amount,
-        acct_pay,
-        acct_mulaid_pay: drawn.checked_sub(acct_pay).ok_or_else(|| corrupt("family part"))?,
-        psn_cash_pay: new.amount.checked_sub(drawn).ok_or_else(|| corrupt("cash part"))?,
-        balc: j_money(value, "balc")?,
-        refunded: Money::ZERO,
-        channel: Some(new.channel),
-        category: Some(new.category),
-        auth_method: Some(new.auth_method),
-        mdtrt_id: new.mdtrt_id.clone(),
-        beneficiary_psn_no: new.beneficiary_psn_no.clone(),
-        // Stored with microsecond precision, as sent.
-        settled_at: DateTime::from_timestamp_micros(new.at.timestamp_micros()).ok_or_else(|| corrupt("settled_at"))?,
-        debits: new
-            .debits
-            .iter()
-            .map(|d| DebitRecord {
-                account_id: d.account_id,
-                owner_psn_no: d.owner_psn_no.clone(),
-                amount: d.amount,
-                refunded: Money::ZERO,
-                family: d.family,
-            })
-            .collect(),
-        tombstone: false,
-    })
-}
-
 fn outcome_from_json(write: &LedgerWrite, value: &Value) -> LedgerResult<WriteResult> {
     if let (LedgerWrite::Settle(new), Some("settled")) = (write, value.get("outcome").and_then(Value::as_str)) {
-        return Ok(Ok(WriteOutcome::Settled {
-            record: settled_record(new, value)?,
-            changes: changes_from_json(value)?,
-        }));
+        let record = new.settled_record(j_money(value, "balc")?);
+        return Ok(Ok(WriteOutcome::Settled { record, changes: changes_from_json(value)? }));
     }
     outcome_from_answer(value)
 }

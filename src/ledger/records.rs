@@ -126,6 +126,48 @@ pub struct NewSettlement {
     pub at: DateTime<Utc>,
 }
 
+impl NewSettlement {
+    /// The record this write becomes once committed with the payer's own balance `balc`: what the
+    /// write said plus what the ledger computed, so a ledger need not read back what it just wrote.
+    pub fn settled_record(&self, balc: Money) -> SettlementRecord {
+        let drawn = Money::sum(self.debits.iter().map(|d| d.amount));
+        let acct_pay = Money::sum(self.debits.iter().filter(|d| !d.family).map(|d| d.amount));
+        SettlementRecord {
+            setl_id: self.setl_id.clone(),
+            institution_code: self.institution_code.clone(),
+            request_id: self.request_id.clone(),
+            fingerprint: self.fingerprint.clone(),
+            psn_no: self.psn_no.clone(),
+            status: SettlementStatus::Settled,
+            amount: self.amount,
+            acct_pay,
+            acct_mulaid_pay: drawn.checked_sub(acct_pay).expect("family part within drawn"),
+            psn_cash_pay: self.amount.checked_sub(drawn).expect("drawn within amount"),
+            balc,
+            refunded: Money::ZERO,
+            channel: Some(self.channel),
+            category: Some(self.category),
+            auth_method: Some(self.auth_method),
+            mdtrt_id: self.mdtrt_id.clone(),
+            beneficiary_psn_no: self.beneficiary_psn_no.clone(),
+            // Ledgers store microseconds.
+            settled_at: DateTime::from_timestamp_micros(self.at.timestamp_micros()).expect("time in range"),
+            debits: self
+                .debits
+                .iter()
+                .map(|d| DebitRecord {
+                    account_id: d.account_id,
+                    owner_psn_no: d.owner_psn_no.clone(),
+                    amount: d.amount,
+                    refunded: Money::ZERO,
+                    family: d.family,
+                })
+                .collect(),
+            tombstone: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettlementRecord {
     pub setl_id: String,

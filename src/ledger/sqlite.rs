@@ -586,8 +586,7 @@ impl Writer<'_, '_> {
                 debit.family
             ])?;
         }
-        let record = load_settlement(self.tx, &SettlementKey::SetlId(new.setl_id.clone()))?.expect("just inserted");
-        Ok(Ok(WriteOutcome::Settled { record, changes }))
+        Ok(Ok(WriteOutcome::Settled { record: new.settled_record(balc), changes }))
     }
 
     /// Credits back `amounts[i]` to debit `i` of the settlement and takes the total from the
