@@ -45,16 +45,9 @@ fn settlement(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = yibao::config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        ledger_url: None,
-        redis_url: None,
-        redis_prefix: "yb:".into(),
-        policy_dir: None,
-        operator_key: None,
         pepper: b"bench".to_vec(),
         pin_cost: PinCost::TEST,
-        settings: Default::default(),
+        ..yibao::config::Config::embedded(dir.path().to_path_buf())
     };
     let gateway = runtime.block_on(async {
         let app = yibao::app::build(&config, Arc::new(yibao::clock::SystemClock)).await.unwrap();

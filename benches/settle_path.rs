@@ -12,7 +12,6 @@ use yibao::admin::{self, AdjustCommand};
 use yibao::clock::SystemClock;
 use yibao::config::Config;
 use yibao::domain::{Category, Channel, InstitutionKind, InsuranceStatus, Money, PayMode, PersonCategory};
-use yibao::gateway::Settings;
 use yibao::ledger::{InstitutionRecord, PersonUpsert};
 use yibao::pin::PinCost;
 use yibao::settle::{self, SettleCommand};
@@ -27,17 +26,12 @@ fn main() {
 async fn run(accounts: usize, settlements: usize, concurrency: usize, measuring: bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
         // YIBAO_BENCH_LEDGER_URL / YIBAO_BENCH_REDIS_URL measure the production backends instead.
         ledger_url: std::env::var("YIBAO_BENCH_LEDGER_URL").ok().filter(|u| !u.is_empty()),
         redis_url: std::env::var("YIBAO_BENCH_REDIS_URL").ok().filter(|u| !u.is_empty()),
-        redis_prefix: "yb:".into(),
-        policy_dir: None,
-        operator_key: None,
         pepper: b"bench".to_vec(),
         pin_cost: PinCost::TEST,
-        settings: Settings::default(),
+        ..Config::embedded(dir.path().to_path_buf())
     };
     let app = yibao::app::build(&config, Arc::new(SystemClock)).await.unwrap();
     let run_id = std::process::id();

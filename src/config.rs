@@ -109,6 +109,23 @@ fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// The embedded default on `data_dir` with every other setting at its default: a starting point
+    /// for tests, benchmarks and tools (a random pepper file, no operator key, OWASP PIN cost).
+    pub fn embedded(data_dir: PathBuf) -> Config {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("default address"),
+            data_dir,
+            ledger_url: None,
+            redis_url: None,
+            redis_prefix: "yb:".into(),
+            policy_dir: None,
+            operator_key: None,
+            pepper: Vec::new(),
+            pin_cost: PinCost::OWASP,
+            settings: Settings::default(),
+        }
+    }
+
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = match &overrides.config {
             Some(path) => {

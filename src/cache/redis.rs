@@ -133,6 +133,18 @@ impl RedisCache {
         format!("{account_id}|{hold_id}")
     }
 
+    /// Drops a hold's entry from the lease index.
+    async fn unindex(&self, conn: &mut RedisConnection, account_id: AccountId, hold_id: &str) -> CacheResult<()> {
+        let _: i64 = deadline(
+            ::redis::cmd("ZREM")
+                .arg(self.lease_index_key())
+                .arg(Self::lease_member(account_id, hold_id))
+                .query_async(conn),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn finish(&self, account_id: AccountId, hold_id: &str, balance: Option<(Money, i64)>) -> CacheResult<()> {
         let mut conn = self.connection.clone();
         let (balance_fen, seq) = match balance {
@@ -143,13 +155,7 @@ impl RedisCache {
         invocation.key(self.holds_key(account_id)).arg(hold_id).arg(balance_fen).arg(seq);
         let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
         // The index entry goes last: a hold is never unindexed while it exists.
-        let _: i64 = deadline(
-            ::redis::cmd("ZREM")
-                .arg(self.lease_index_key())
-                .arg(Self::lease_member(account_id, hold_id))
-                .query_async(&mut conn),
-        )
-        .await?;
+        self.unindex(&mut conn, account_id, hold_id).await?;
         Ok(())
     }
 }
@@ -199,13 +205,7 @@ impl BalanceCache for RedisCache {
         invocation.key(self.holds_key(account_id)).arg(hold_id).arg(want.to_fen());
         let held: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
         if held <= 0 {
-            let _: i64 = deadline(
-                ::redis::cmd("ZREM")
-                    .arg(self.lease_index_key())
-                    .arg(Self::lease_member(account_id, hold_id))
-                    .query_async(&mut conn),
-            )
-            .await?;
+            self.unindex(&mut conn, account_id, hold_id).await?;
         }
         Ok(if held < 0 { Reserve::NotLoaded } else { Reserve::Held(Money::from_fen(held)) })
     }

@@ -786,14 +786,7 @@ impl Ledger for PostgresLedger {
         ))
         .await?;
         deadline(tx.commit()).await?;
-        Ok(Ok(FamilyLinkRecord {
-            owner_psn_no: link.owner_psn_no,
-            member_psn_no: link.member_psn_no,
-            relation: link.relation,
-            effective_from: link.effective_from,
-            registered_at: link.at,
-            revoked: false,
-        }))
+        Ok(Ok(link.into()))
     }
 
     async fn revoke_family(
@@ -824,11 +817,8 @@ impl Ledger for PostgresLedger {
         let rows =
             deadline(tx.query("SELECT owner_psn_no FROM family_order WHERE member_psn_no = $1 FOR UPDATE", &[&member]))
                 .await?;
-        let mut current: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-        let mut wanted = owners.to_vec();
-        current.sort();
-        wanted.sort();
-        if current != wanted {
+        let current: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        if !same_owners(&current, owners) {
             return Ok(false);
         }
         for (position, owner) in owners.iter().enumerate() {

@@ -386,6 +386,27 @@ pub struct NewFamilyLink {
     pub at: DateTime<Utc>,
 }
 
+impl From<NewFamilyLink> for FamilyLinkRecord {
+    fn from(link: NewFamilyLink) -> FamilyLinkRecord {
+        FamilyLinkRecord {
+            owner_psn_no: link.owner_psn_no,
+            member_psn_no: link.member_psn_no,
+            relation: link.relation,
+            effective_from: link.effective_from,
+            registered_at: link.at,
+            revoked: false,
+        }
+    }
+}
+
+/// True when `wanted` names exactly the owners in `current`, in any order.
+pub fn same_owners(current: &[String], wanted: &[String]) -> bool {
+    let (mut current, mut wanted) = (current.to_vec(), wanted.to_vec());
+    current.sort();
+    wanted.sort();
+    current == wanted
+}
+
 #[derive(Debug, Clone)]
 pub struct UsableRecord {
     pub owner_psn_no: String,

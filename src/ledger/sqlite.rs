@@ -1268,14 +1268,7 @@ impl Ledger for SqliteLedger {
                 params![link.member_psn_no, link.owner_psn_no],
             )?;
             tx.commit()?;
-            Ok(Ok(FamilyLinkRecord {
-                owner_psn_no: link.owner_psn_no,
-                member_psn_no: link.member_psn_no,
-                relation: link.relation,
-                effective_from: link.effective_from,
-                registered_at: link.at,
-                revoked: false,
-            }))
+            Ok(Ok(link.into()))
         })
         .await
     }
@@ -1321,14 +1314,11 @@ impl Ledger for SqliteLedger {
         let (member, owners) = (member.to_string(), owners.to_vec());
         self.write(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut current: Vec<String> = tx
+            let current: Vec<String> = tx
                 .prepare("SELECT owner_psn_no FROM family_order WHERE member_psn_no = ?1")?
                 .query_map([&member], |row| row.get(0))?
                 .collect::<Sql<_>>()?;
-            let mut wanted = owners.clone();
-            current.sort();
-            wanted.sort();
-            if current != wanted {
+            if !same_owners(&current, &owners) {
                 return Ok(false);
             }
             for (position, owner) in owners.iter().enumerate() {

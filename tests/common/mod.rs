@@ -12,7 +12,6 @@ use tonic::{Code, Request, Status};
 use yibao::app::{self, App};
 use yibao::clock::OffsetClock;
 use yibao::config::Config;
-use yibao::gateway::Settings;
 use yibao::pin::PinCost;
 use yibao::rpc::pb::{self, *};
 
@@ -79,15 +78,13 @@ pub async fn config(dir: &TempDir, backend: Backend) -> Config {
     };
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
         ledger_url,
         redis_url,
         redis_prefix,
-        policy_dir: None,
         operator_key: Some(OPERATOR_KEY.into()),
         pepper: b"test-pepper".to_vec(),
         pin_cost: PinCost::TEST,
-        settings: Settings::default(),
+        ..Config::embedded(dir.path().to_path_buf())
     }
 }
 
