@@ -1,7 +1,8 @@
 //! Account self-service (AccountService): balance, entries, PINs, the no-PIN tier, card loss and
 //! family registration (000 §9–§13, §17; 002 Q8–Q13). No gRPC here.
 
-use crate::domain::{mask_psn_no, AccountStatus, CardStatus, InsuranceStatus, Money, Relation};
+use crate::domain::family::{link_refusal, LinkRefusal, Party};
+use crate::domain::{mask_psn_no, CardStatus, Money, Relation};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::Gateway;
 use crate::ledger::{EntryQuery, EntryRecord, FamilyLinkRecord, FamilyView, NewFamilyLink, PersonRecord};
@@ -152,6 +153,15 @@ pub async fn restore_card(gateway: &Gateway, psn_no: &str, pin: &Secret) -> Outc
 
 /// The owner registers a member (备案, 000 §9): insured in the same region, with a relation the
 /// region allows, usable from the later of today and the region's family start date.
+/// One side of a family link, as the shared family rules see it.
+pub fn party(person: &PersonRecord) -> Party {
+    Party {
+        region: person.region.clone(),
+        status: person.status,
+        account_status: person.account.as_ref().map(|account| account.status),
+    }
+}
+
 pub async fn register_family(
     gateway: &Gateway,
     owner_psn_no: &str,
@@ -164,30 +174,19 @@ pub async fn register_family(
     let owner = gateway.person(owner_psn_no).await?;
     let member = gateway.person(member_psn_no).await?;
     let policy = gateway.policy(&owner.region)?;
-    match &owner.account {
-        None => return Err(Failure::new(Reason::NoAccount, "the owner has no personal account to share")),
-        Some(account) if account.status == AccountStatus::Closed => {
-            return Err(Failure::new(Reason::AccountClosed, "the owner's account is closed"))
-        }
-        Some(_) => {}
-    }
-    if !policy.family_relations.contains(&relation) {
-        return Err(Failure::new(
-            Reason::FamilyRelationNotAllowed,
-            format!("relation {relation} is not allowed for family use in region {}", policy.region),
-        ));
-    }
-    if member.region != owner.region {
-        return Err(Failure::new(
-            Reason::FamilyRelationNotAllowed,
-            "family members must be insured in the owner's region (000 §8)",
-        ));
-    }
-    if matches!(member.status, InsuranceStatus::Removed | InsuranceStatus::Terminated) {
-        return Err(Failure::new(
-            Reason::FamilyRelationNotAllowed,
-            format!("the member {} no longer enjoys benefits (000 §14)", mask_psn_no(member_psn_no)),
-        ));
+    if let Some(refusal) = link_refusal(&party(&owner), &party(&member), relation, policy) {
+        let reason = match refusal {
+            LinkRefusal::OwnerHasNoAccount => Reason::NoAccount,
+            LinkRefusal::OwnerAccountClosed => Reason::AccountClosed,
+            _ => Reason::FamilyRelationNotAllowed,
+        };
+        let message = match refusal {
+            LinkRefusal::MemberWithoutBenefits => {
+                format!("the member {} no longer enjoys benefits (000 §14)", mask_psn_no(member_psn_no))
+            }
+            other => other.message(relation, &policy.region),
+        };
+        return Err(Failure::new(reason, message));
     }
     let today = gateway.clock.today();
     let link = NewFamilyLink {

@@ -74,18 +74,29 @@ fn pepper(config: &Config) -> Result<Vec<u8>, StartError> {
     Ok(text.into_bytes())
 }
 
+/// The region policies: from `policy_dir`, or the built-in files.
+pub fn load_policies(config: &Config) -> Result<Policies, StartError> {
+    Ok(match &config.policy_dir {
+        Some(dir) => Policies::load_dir(dir)?,
+        None => Policies::builtin(),
+    })
+}
+
+/// The ledger: PostgreSQL when `ledger_url` is set, else the SQLite file in `data_dir` (created
+/// with the directory if need be). Creates or migrates the schema.
+pub async fn open_ledger(config: &Config) -> Result<Arc<dyn Ledger>, StartError> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    Ok(match &config.ledger_url {
+        Some(url) => Arc::new(PostgresLedger::connect(url).await?),
+        None => Arc::new(SqliteLedger::open(&config.data_dir.join("ledger.db"))?),
+    })
+}
+
 /// Builds the gateway: the PostgreSQL ledger when `ledger_url` is set, else the SQLite file in
 /// `data_dir`; the Redis cache when `redis_url` is set, else balances in process.
 pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let policies = match &config.policy_dir {
-        Some(dir) => Policies::load_dir(dir)?,
-        None => Policies::builtin(),
-    };
-    let ledger: Arc<dyn Ledger> = match &config.ledger_url {
-        Some(url) => Arc::new(PostgresLedger::connect(url).await?),
-        None => Arc::new(SqliteLedger::open(&config.data_dir.join("ledger.db"))?),
-    };
+    let policies = load_policies(config)?;
+    let ledger = open_ledger(config).await?;
     let cache: Arc<dyn BalanceCache> = match &config.redis_url {
         Some(url) => Arc::new(
             RedisCache::connect(url, &config.redis_prefix).await.map_err(|e| StartError::Config(e.to_string()))?,

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod gateway;
+pub mod import;
 pub mod ledger;
 pub mod loadgen;
 pub mod pin;

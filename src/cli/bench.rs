@@ -9,8 +9,21 @@ use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Open-loop settlements against a running gateway (sets up its population first).
+    /// Open-loop settlements against a running gateway (sets up its population first). With
+    /// --step-to, steps the rate up to find the highest rate that meets --p99-target-ms with no errors.
     Run(RunArgs),
+    /// Writes a population as people.csv and families.csv for `yibao admin import` (then run with
+    /// --imported): how millions of accounts are set up.
+    Population {
+        /// Funded accounts (plus a tenth as many family payers).
+        #[arg(long, default_value_t = 100_000)]
+        accounts: usize,
+        #[arg(long, default_value = "BN")]
+        prefix: String,
+        /// Directory for the two files.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// The same load against an in-process no-op Settle: the framework's ceiling.
     Noop(LoadArgs),
     /// argon2id PIN verifications per second.
@@ -70,6 +83,18 @@ pub struct RunArgs {
     /// Person-number prefix of the population; reuse one to skip most set-up work.
     #[arg(long, default_value = "BN")]
     prefix: String,
+    /// The population's people, balances and families were loaded with `yibao bench population`
+    /// and `yibao admin import`: set up only PINs and the institution.
+    #[arg(long)]
+    imported: bool,
+    /// Scenario (e): after --rate, run again at --rate + --step-by, … up to this rate, stopping at
+    /// the first run whose p99 exceeds --p99-target-ms or that has errors.
+    #[arg(long)]
+    step_to: Option<f64>,
+    #[arg(long, default_value_t = 500.0)]
+    step_by: f64,
+    #[arg(long, default_value_t = 20.0)]
+    p99_target_ms: f64,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -109,15 +134,31 @@ pub async fn run(command: BenchCommand) -> ExitCode {
                 Ok(mut channels) => channels.remove(0),
                 Err(message) => return fail(&message),
             };
-            let population =
-                match loadgen::setup(channel, &args.operator_key, &args.prefix, args.accounts, &options.run_id).await {
-                    Ok(population) => population,
-                    Err(message) => return fail(&message),
-                };
-            loadgen::run(&args.load.scenario, &options, &population)
-                .await
-                .map(|report| publish(&report, &args.load.json))
+            let setup = loadgen::setup(
+                channel,
+                &args.operator_key,
+                &args.prefix,
+                args.accounts,
+                &options.run_id,
+                args.imported,
+            );
+            let population = match setup.await {
+                Ok(population) => population,
+                Err(message) => return fail(&message),
+            };
+            match args.step_to {
+                None => loadgen::run(&args.load.scenario, &options, &population)
+                    .await
+                    .map(|report| publish(&report, &args.load.json)),
+                Some(step_to) => step_up(&args, options, &population, step_to).await,
+            }
         }
+        BenchCommand::Population { accounts, prefix, dir } => loadgen::write_population(&prefix, accounts, &dir)
+            .map(|()| {
+                println!("wrote {} and {}", dir.join("people.csv").display(), dir.join("families.csv").display());
+                ExitCode::SUCCESS
+            })
+            .map_err(|error| format!("cannot write the population to {}: {error}", dir.display())),
         BenchCommand::Noop(load) => {
             let address = match baseline::spawn_noop_server().await {
                 Ok(address) => address,
@@ -141,6 +182,51 @@ pub async fn run(command: BenchCommand) -> ExitCode {
         }
     };
     outcome.unwrap_or_else(|message| fail(&message))
+}
+
+/// Scenario (e): the highest offered rate whose p99 meets the target with no errors, stepping up.
+async fn step_up(
+    args: &RunArgs,
+    mut options: LoadOptions,
+    population: &Population,
+    step_to: f64,
+) -> Result<ExitCode, String> {
+    let mut reports = Vec::new();
+    let mut best: Option<f64> = None;
+    let mut rate = args.load.rate;
+    // Request ids stay unique across the steps.
+    let base_run_id = options.run_id.clone();
+    while rate <= step_to {
+        options.rate = rate;
+        options.run_id = format!("{base_run_id}s{rate:.0}");
+        let scenario = format!("{}@{rate:.0}", args.load.scenario);
+        let report = loadgen::run(&scenario, &options, population).await?;
+        println!("{}", report.summary_line());
+        let met = report.errors.is_empty() && report.p99_ms <= args.p99_target_ms;
+        reports.push(report);
+        if !met {
+            break;
+        }
+        best = Some(rate);
+        rate += args.step_by.max(1.0);
+    }
+    match best {
+        Some(rate) => println!(
+            "{}: highest rate with p99 <= {} ms and no errors: {rate:.0}/s",
+            args.load.scenario, args.p99_target_ms
+        ),
+        None => println!(
+            "{}: no rate from {:.0}/s met p99 <= {} ms with no errors",
+            args.load.scenario, args.load.rate, args.p99_target_ms
+        ),
+    }
+    if let Some(path) = &args.load.json {
+        let text = serde_json::json!({ "scenario": args.load.scenario, "p99_target_ms": args.p99_target_ms,
+            "highest_rate_meeting_target": best, "steps": reports });
+        std::fs::write(path, serde_json::to_string_pretty(&text).unwrap_or_default())
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -286,6 +286,9 @@ pub enum RoleArg {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
+    /// Bulk import of people, opening balances and family links from CSV, straight into the ledger
+    /// (a region moving from a legacy system); row by row, re-runnable. Exit 1 if rows were refused.
+    Import(super::import::ImportArgs),
     /// Create or update a person (opens the account when the region's policy says so).
     Person {
         #[arg(long)]
@@ -409,8 +412,8 @@ fn fresh_request_id(prefix: &str) -> String {
     format!("{prefix}-{}", chrono::Utc::now().format("%Y%m%d%H%M%S%6f"))
 }
 
-fn connection_of(command: &ClientCommand) -> &Connection {
-    match command {
+fn connection_of(command: &ClientCommand) -> Option<&Connection> {
+    Some(match command {
         ClientCommand::Settle(args) => &args.connection,
         ClientCommand::Refund { connection, .. }
         | ClientCommand::Reverse { connection, .. }
@@ -437,11 +440,16 @@ fn connection_of(command: &ClientCommand) -> &Connection {
             | AdminCommand::Freeze { connection, .. }
             | AdminCommand::Unfreeze { connection, .. },
         ) => connection,
-    }
+        ClientCommand::Admin(AdminCommand::Import(_)) => return None,
+    })
 }
 
 pub async fn run(command: ClientCommand) -> ExitCode {
-    let client = match Client::connect(connection_of(&command)).await {
+    let Some(connection) = connection_of(&command) else {
+        let ClientCommand::Admin(AdminCommand::Import(args)) = command else { unreachable!("only import has none") };
+        return super::import::run(args).await;
+    };
+    let client = match Client::connect(connection).await {
         Ok(client) => client,
         Err(message) => {
             eprintln!("error: {message}");
@@ -743,6 +751,7 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
                 .into_inner();
             print_person(&person);
         }
+        AdminCommand::Import(_) => unreachable!("run() hands import over before connecting"),
     }
     Ok(())
 }

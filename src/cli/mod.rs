@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod import;
 mod serve;
 
 use clap::{Parser, Subcommand};

@@ -93,7 +93,7 @@ named_enum!(
         PooledFund = "POOLED_FUND", Contributions = "CONTRIBUTIONS", InstitutionPayable = "INSTITUTION_PAYABLE",
         InterestExpense = "INTEREST_EXPENSE", TransferClearing = "TRANSFER_CLEARING",
         WithdrawalsPayable = "WITHDRAWALS_PAYABLE", MutualAidFund = "MUTUAL_AID_FUND",
-        ManualAdjustment = "MANUAL_ADJUSTMENT",
+        ManualAdjustment = "MANUAL_ADJUSTMENT", MigrationClearing = "MIGRATION_CLEARING",
     }
 );
 

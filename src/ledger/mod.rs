@@ -91,6 +91,20 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> LedgerResult<Option<FamilyLinkRecord>>;
     /// Replaces the member's order; refused unless `owners` is exactly the member's active owners.
     async fn set_deduction_order(&self, member: &str, owners: &[String]) -> LedgerResult<bool>;
+
+    // --- bulk import, one transaction per chunk; one verdict per row, in order ---
+    /// People, their accounts (when `open_account`) and opening balances: each positive opening
+    /// balance is a posting against `MIGRATION_CLEARING` in one transaction for the chunk, and is
+    /// recorded in `imported_openings` so a re-run can tell it is there. Existing people are
+    /// judged by [`ExistingImport::verdict`] and never changed.
+    async fn import_people(&self, chunk: ImportChunk<PersonImport>) -> LedgerResult<Vec<ImportVerdict>>;
+    /// Family links, each judged by `check` against what the ledger holds; an accepted link is
+    /// appended to the member's deduction order, as a registration through the API would be.
+    async fn import_families(
+        &self,
+        chunk: ImportChunk<FamilyImport>,
+        check: FamilyCheck,
+    ) -> LedgerResult<Vec<ImportVerdict>>;
 }
 
 /// Something that already exists (an institution code, an active family link).

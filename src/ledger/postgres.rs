@@ -6,6 +6,7 @@
 //! call has a deadline; a failure to reach the database is `LedgerUnavailable`.
 
 use super::*;
+use crate::domain::family::Party;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
     Relation, Role, SettlementStatus, TxnKind,
@@ -14,6 +15,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 use tokio_postgres::{NoTls, Row};
@@ -831,7 +833,266 @@ impl Ledger for PostgresLedger {
         deadline(tx.commit()).await?;
         Ok(true)
     }
+
+    async fn import_people(&self, chunk: ImportChunk<PersonImport>) -> LedgerResult<Vec<ImportVerdict>> {
+        self.import_people_chunk(chunk).await
+    }
+
+    async fn import_families(
+        &self,
+        chunk: ImportChunk<FamilyImport>,
+        check: FamilyCheck,
+    ) -> LedgerResult<Vec<ImportVerdict>> {
+        self.import_families_chunk(chunk, check).await
+    }
 }
 
 const INSERT_KEY: &str =
     "INSERT INTO api_keys (key_hash, key_id, role, institution_code, label, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
+
+// ---- bulk import ---------------------------------------------------------------------------------
+
+/// An import chunk is far larger than a settlement batch: give each of its statements longer.
+const IMPORT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn import_deadline<T>(work: impl Future<Output = Result<T, tokio_postgres::Error>>) -> LedgerResult<T> {
+    match tokio::time::timeout(IMPORT_CALL_TIMEOUT, work).await {
+        // The server's own message: an operator running an import needs more than "db error".
+        Ok(result) => result.map_err(|error| match error.as_db_error() {
+            Some(db) => unavailable(format!("{error}: {}", db.message())),
+            None => unavailable(error),
+        }),
+        Err(_) => Err(LedgerUnavailable("the database did not answer in time".into())),
+    }
+}
+
+fn party_from_row(row: &Row, offset: usize) -> LedgerResult<Option<Party>> {
+    let region: Option<String> = row.get(offset);
+    let Some(region) = region else { return Ok(None) };
+    Ok(Some(Party {
+        region,
+        status: parse(row.get(offset + 1), InsuranceStatus::parse)?,
+        account_status: opt_parse(row.get(offset + 2), AccountStatus::parse)?,
+    }))
+}
+
+impl PostgresLedger {
+    async fn import_people_chunk(&self, chunk: ImportChunk<PersonImport>) -> LedgerResult<Vec<ImportVerdict>> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let mut client = self.client().await?;
+        let tx = import_deadline(client.transaction()).await?;
+        // Holds off concurrent UpsertPerson calls (not settlements) for the chunk, so "new" stays new
+        // between the look-up and the insert.
+        import_deadline(tx.batch_execute(
+            "LOCK TABLE persons IN SHARE ROW EXCLUSIVE MODE;
+             CREATE TEMP TABLE import_people (line BIGINT NOT NULL, psn_no TEXT NOT NULL, name TEXT NOT NULL,
+                 birth_date DATE NOT NULL, region TEXT NOT NULL, category TEXT NOT NULL, status TEXT NOT NULL,
+                 open_account BOOLEAN NOT NULL, opening NUMERIC(18,2) NOT NULL) ON COMMIT DROP",
+        ))
+        .await?;
+        let sink = import_deadline(tx.copy_in("COPY import_people FROM STDIN BINARY")).await?;
+        let types = [
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::DATE,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::BOOL,
+            Type::NUMERIC,
+        ];
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        tokio::pin!(writer);
+        for row in &chunk.rows {
+            let p = &row.person;
+            let line = row.line as i64;
+            let opening = row.opening.as_decimal();
+            import_deadline(writer.as_mut().write(&[
+                &line,
+                &p.psn_no,
+                &p.name,
+                &p.birth_date,
+                &p.region,
+                &p.category.name(),
+                &p.status.name(),
+                &row.open_account,
+                &opening,
+            ]))
+            .await?;
+        }
+        import_deadline(writer.finish()).await?;
+
+        let mut verdicts: HashMap<i64, ImportVerdict> = HashMap::new();
+        let existing = import_deadline(tx.query(
+            "SELECT i.line, p.name, p.birth_date, p.region, p.category, p.status, o.amount
+             FROM import_people i JOIN persons p ON p.psn_no = i.psn_no
+             LEFT JOIN imported_openings o ON o.psn_no = i.psn_no",
+            &[],
+        ))
+        .await?;
+        let by_line: HashMap<i64, &PersonImport> = chunk.rows.iter().map(|row| (row.line as i64, row)).collect();
+        for found in &existing {
+            let line: i64 = found.get(0);
+            let row = by_line.get(&line).ok_or_else(|| corrupt("import line"))?;
+            let held = ExistingImport {
+                person: PersonUpsert {
+                    psn_no: row.person.psn_no.clone(),
+                    name: found.get(1),
+                    birth_date: found.get(2),
+                    region: found.get(3),
+                    category: parse(found.get(4), PersonCategory::parse)?,
+                    status: parse(found.get(5), InsuranceStatus::parse)?,
+                },
+                imported_opening: found.get::<_, Option<Decimal>>(6).map(money).transpose()?,
+            };
+            verdicts.insert(line, held.verdict(row));
+        }
+        let taken: Vec<i64> = verdicts.keys().copied().collect();
+        import_deadline(tx.execute("DELETE FROM import_people WHERE line = ANY($1)", &[&taken])).await?;
+        import_deadline(tx.execute(
+            "INSERT INTO persons (psn_no, name, birth_date, region, category, status, created_at, updated_at)
+             SELECT psn_no, name, birth_date, region, category, status, $1, $1 FROM import_people",
+            &[&chunk.at],
+        ))
+        .await?;
+        import_deadline(tx.execute(
+            "INSERT INTO accounts (psn_no, status, balance, seq, opened_at)
+             SELECT psn_no, 'OPEN', opening, CASE WHEN opening > 0 THEN 1 ELSE 0 END, $1
+             FROM import_people WHERE open_account",
+            &[&chunk.at],
+        ))
+        .await?;
+        let total: Decimal = import_deadline(
+            tx.query_one("SELECT COALESCE(SUM(opening), 0) FROM import_people WHERE open_account", &[]),
+        )
+        .await?
+        .get(0);
+        let mut txn_id: Option<i64> = None;
+        if total > Decimal::ZERO {
+            let txn: i64 = import_deadline(tx.query_one(
+                "INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+                 VALUES ('OPENING_BALANCE', $1, $2, $3, $3, 'bulk import') RETURNING txn_id",
+                &[&chunk.reference, &chunk.at, &chunk.business_date],
+            ))
+            .await?
+            .get(0);
+            // A new account's first posting: its balance was written with the account (seq 1).
+            import_deadline(tx.execute(
+                "INSERT INTO postings (txn_id, account_id, amount, balance_after, seq, counterparty, business_date)
+                 SELECT $1, a.account_id, i.opening, i.opening, 1, 'MIGRATION', $2
+                 FROM import_people i JOIN accounts a ON a.psn_no = i.psn_no WHERE i.open_account AND i.opening > 0",
+                &[&txn, &chunk.business_date],
+            ))
+            .await?;
+            import_deadline(tx.execute(
+                "SELECT yibao_post($1, yibao_system('MIGRATION_CLEARING'), $2, FALSE, '', 'bulk import', $3)",
+                &[&txn, &(-total), &chunk.business_date],
+            ))
+            .await?;
+            import_deadline(tx.execute("SELECT yibao_close($1)", &[&txn])).await?;
+            txn_id = Some(txn);
+        }
+        import_deadline(tx.execute(
+            "INSERT INTO imported_openings (psn_no, amount, txn_id, imported_at)
+             SELECT psn_no, opening, CASE WHEN opening > 0 THEN $1::BIGINT END, $2 FROM import_people WHERE open_account",
+            &[&txn_id, &chunk.at],
+        ))
+        .await?;
+        import_deadline(tx.commit()).await?;
+        Ok(chunk.rows.iter().map(|row| verdicts.remove(&(row.line as i64)).unwrap_or(ImportVerdict::Applied)).collect())
+    }
+
+    async fn import_families_chunk(
+        &self,
+        chunk: ImportChunk<FamilyImport>,
+        check: FamilyCheck,
+    ) -> LedgerResult<Vec<ImportVerdict>> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let mut client = self.client().await?;
+        let tx = import_deadline(client.transaction()).await?;
+        // Holds off concurrent registrations and revocations for the chunk (settlements only read).
+        import_deadline(tx.batch_execute(
+            "LOCK TABLE family_links IN SHARE ROW EXCLUSIVE MODE;
+             CREATE TEMP TABLE import_families (line BIGINT NOT NULL, owner_psn_no TEXT NOT NULL,
+                 member_psn_no TEXT NOT NULL, relation TEXT NOT NULL, effective_from DATE) ON COMMIT DROP",
+        ))
+        .await?;
+        let sink = import_deadline(
+            tx.copy_in("COPY import_families (line, owner_psn_no, member_psn_no, relation) FROM STDIN BINARY"),
+        )
+        .await?;
+        let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT, Type::TEXT, Type::TEXT]);
+        tokio::pin!(writer);
+        for row in &chunk.rows {
+            let line = row.line as i64;
+            import_deadline(writer.as_mut().write(&[
+                &line,
+                &row.owner_psn_no,
+                &row.member_psn_no,
+                &row.relation.name(),
+            ]))
+            .await?;
+        }
+        import_deadline(writer.finish()).await?;
+        let facts = import_deadline(tx.query(
+            "SELECT f.line, o.region, o.status, oa.status, m.region, m.status, ma.status, l.relation
+             FROM import_families f
+             LEFT JOIN persons o ON o.psn_no = f.owner_psn_no LEFT JOIN accounts oa ON oa.psn_no = f.owner_psn_no
+             LEFT JOIN persons m ON m.psn_no = f.member_psn_no LEFT JOIN accounts ma ON ma.psn_no = f.member_psn_no
+             LEFT JOIN family_links l ON l.owner_psn_no = f.owner_psn_no AND l.member_psn_no = f.member_psn_no
+                                     AND l.revoked_at IS NULL",
+            &[],
+        ))
+        .await?;
+        let by_line: HashMap<i64, &FamilyImport> = chunk.rows.iter().map(|row| (row.line as i64, row)).collect();
+        let mut verdicts: HashMap<i64, ImportVerdict> = HashMap::new();
+        let (mut lines, mut dates) = (Vec::new(), Vec::new());
+        for found in &facts {
+            let line: i64 = found.get(0);
+            let row = by_line.get(&line).ok_or_else(|| corrupt("import line"))?;
+            let facts = FamilyFacts {
+                owner: party_from_row(found, 1)?,
+                member: party_from_row(found, 4)?,
+                active_relation: opt_parse(found.get(7), Relation::parse)?,
+            };
+            match facts.judge(row, &check) {
+                Ok(effective_from) => {
+                    lines.push(line);
+                    dates.push(effective_from);
+                }
+                Err(verdict) => {
+                    verdicts.insert(line, verdict);
+                }
+            }
+        }
+        import_deadline(tx.execute(
+            "UPDATE import_families f SET effective_from = d.effective_from
+             FROM UNNEST($1::BIGINT[], $2::DATE[]) AS d(line, effective_from) WHERE f.line = d.line",
+            &[&lines, &dates],
+        ))
+        .await?;
+        import_deadline(tx.execute(
+            "INSERT INTO family_links (owner_psn_no, member_psn_no, relation, effective_from, registered_at)
+             SELECT owner_psn_no, member_psn_no, relation, effective_from, $1 FROM import_families
+             WHERE effective_from IS NOT NULL ORDER BY line",
+            &[&chunk.at],
+        ))
+        .await?;
+        // Appended to each member's order, in file order, after the owners already there.
+        import_deadline(tx.execute(
+            "INSERT INTO family_order (member_psn_no, owner_psn_no, position)
+             SELECT f.member_psn_no, f.owner_psn_no,
+                    COALESCE((SELECT MAX(o.position) FROM family_order o WHERE o.member_psn_no = f.member_psn_no), 0)
+                    + ROW_NUMBER() OVER (PARTITION BY f.member_psn_no ORDER BY f.line)
+             FROM import_families f WHERE f.effective_from IS NOT NULL
+             ON CONFLICT (member_psn_no, owner_psn_no) DO UPDATE SET position = excluded.position",
+            &[],
+        ))
+        .await?;
+        import_deadline(tx.commit()).await?;
+        Ok(chunk.rows.iter().map(|row| verdicts.remove(&(row.line as i64)).unwrap_or(ImportVerdict::Applied)).collect())
+    }
+}

@@ -1,10 +1,12 @@
 //! Plain records the ledger reads and writes. No behaviour beyond small helpers.
 
+use crate::domain::family::Party;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
     Relation, Role, SettlementStatus, TxnKind,
 };
 use chrono::{DateTime, NaiveDate, Utc};
+use std::sync::Arc;
 
 pub type AccountId = i64;
 
@@ -32,7 +34,7 @@ pub struct PersonRecord {
     pub account: Option<AccountRecord>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PersonUpsert {
     pub psn_no: String,
     pub name: String,
@@ -457,4 +459,107 @@ pub struct TrialBalance {
     pub unbalanced_txns: i64,
     /// Personal accounts whose stored balance differs from the sum of their postings (must be 0).
     pub drifted_accounts: i64,
+}
+
+// ---- bulk import (`yibao admin import`) ----------------------------------------------------------
+
+/// A chunk of import rows, committed in one transaction.
+#[derive(Debug, Clone)]
+pub struct ImportChunk<T> {
+    pub rows: Vec<T>,
+    pub at: DateTime<Utc>,
+    pub business_date: NaiveDate,
+    /// Names the chunk in the ledger (the opening-balance transaction's `ref`): file and lines.
+    pub reference: String,
+}
+
+/// One person row, valid on its own (the file alone says nothing wrong with it).
+#[derive(Debug, Clone)]
+pub struct PersonImport {
+    /// The row's line in its file, for the report.
+    pub line: u64,
+    pub person: PersonUpsert,
+    /// Whether the person's category gets an account in their region (policy).
+    pub open_account: bool,
+    /// The balance carried over from the legacy system; zero when there is none.
+    pub opening: Money,
+}
+
+/// What the ledger already holds of a person an import row names.
+#[derive(Debug, Clone)]
+pub struct ExistingImport {
+    pub person: PersonUpsert,
+    /// The opening balance an earlier import recorded for the account, if any.
+    pub imported_opening: Option<Money>,
+}
+
+impl ExistingImport {
+    /// A re-run applies nothing twice and overwrites nothing: the same person with the same
+    /// imported opening balance is already there; anything else is refused, never merged.
+    pub fn verdict(&self, row: &PersonImport) -> ImportVerdict {
+        if self.person != row.person {
+            return ImportVerdict::Refused(
+                "this person already exists with other details; change them with AdminService.UpsertPerson".into(),
+            );
+        }
+        match self.imported_opening {
+            Some(amount) if amount == row.opening => ImportVerdict::AlreadyThere,
+            Some(amount) => ImportVerdict::Refused(format!(
+                "an opening balance of {amount} was imported before; this row says {}",
+                row.opening
+            )),
+            None if row.opening.is_zero() => ImportVerdict::AlreadyThere,
+            None => ImportVerdict::Refused(
+                "this person already exists without an imported opening balance; credit it with AdminService.Adjust"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// One family row: `member_psn_no` may draw on `owner_psn_no`'s account.
+#[derive(Debug, Clone)]
+pub struct FamilyImport {
+    pub line: u64,
+    pub owner_psn_no: String,
+    pub member_psn_no: String,
+    pub relation: Relation,
+}
+
+/// What the ledger holds of a family row's two people and their current link.
+#[derive(Debug, Clone)]
+pub struct FamilyFacts {
+    pub owner: Option<Party>,
+    pub member: Option<Party>,
+    /// The relation of the active link between them, if one is registered.
+    pub active_relation: Option<Relation>,
+}
+
+impl FamilyFacts {
+    /// The link's `effective_from` when the row is to be applied; otherwise its verdict. A link
+    /// already registered with the same relation is already there (whatever has changed since);
+    /// with another relation it is refused; a new one is judged by `check`.
+    pub fn judge(&self, row: &FamilyImport, check: &FamilyCheck) -> Result<NaiveDate, ImportVerdict> {
+        match self.active_relation {
+            Some(relation) if relation == row.relation => Err(ImportVerdict::AlreadyThere),
+            Some(relation) => Err(ImportVerdict::Refused(format!(
+                "this member is already registered with the owner as {relation}; revoke that link first"
+            ))),
+            None => check(row, self).map_err(ImportVerdict::Refused),
+        }
+    }
+}
+
+/// Decides a family row once the ledger has looked its people up (inside the chunk's
+/// transaction): the link's `effective_from`, or why the row is refused.
+pub type FamilyCheck = Arc<dyn Fn(&FamilyImport, &FamilyFacts) -> Result<NaiveDate, String> + Send + Sync>;
+
+/// What became of one import row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportVerdict {
+    Applied,
+    /// A re-run: the ledger already holds exactly this.
+    AlreadyThere,
+    /// Nothing of the row was applied.
+    Refused(String),
 }

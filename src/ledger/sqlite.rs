@@ -3,6 +3,7 @@
 //! connections; every call runs on tokio's blocking pool, never on the async workers.
 
 use super::*;
+use crate::domain::family::Party;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
     Relation, Role, SettlementStatus, SystemAccount, TxnKind,
@@ -1261,12 +1262,7 @@ impl Ledger for SqliteLedger {
                     ts(link.at)
                 ],
             )?;
-            // Default order: order of registration (DESIGN §1 Paying 1).
-            tx.execute(
-                "INSERT OR REPLACE INTO family_order (member_psn_no, owner_psn_no, position)
-                 VALUES (?1, ?2, (SELECT COALESCE(MAX(position), 0) + 1 FROM family_order WHERE member_psn_no = ?1))",
-                params![link.member_psn_no, link.owner_psn_no],
-            )?;
+            tx.execute(FAMILY_ORDER_APPEND, params![link.member_psn_no, link.owner_psn_no])?;
             tx.commit()?;
             Ok(Ok(link.into()))
         })
@@ -1332,6 +1328,18 @@ impl Ledger for SqliteLedger {
         })
         .await
     }
+
+    async fn import_people(&self, chunk: ImportChunk<PersonImport>) -> LedgerResult<Vec<ImportVerdict>> {
+        self.write(move |conn, system| import_people_sync(conn, system, chunk)).await
+    }
+
+    async fn import_families(
+        &self,
+        chunk: ImportChunk<FamilyImport>,
+        check: FamilyCheck,
+    ) -> LedgerResult<Vec<ImportVerdict>> {
+        self.write(move |conn, _| import_families_sync(conn, chunk, check)).await
+    }
 }
 
 fn insert_key(conn: &Connection, key: &NewApiKey) -> Sql<()> {
@@ -1341,3 +1349,165 @@ fn insert_key(conn: &Connection, key: &NewApiKey) -> Sql<()> {
     )?;
     Ok(())
 }
+
+// ---- bulk import ---------------------------------------------------------------------------------
+
+fn import_people_sync(
+    conn: &mut Connection,
+    system: &HashMap<SystemAccount, AccountId>,
+    chunk: ImportChunk<PersonImport>,
+) -> Sql<Vec<ImportVerdict>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut verdicts = Vec::with_capacity(chunk.rows.len());
+    {
+        let writer = Writer { tx: &tx, system };
+        let (business_date, at) = (chunk.business_date, ts(chunk.at));
+        let mut opening_txn: Option<i64> = None;
+        let mut total = Money::ZERO;
+        for row in &chunk.rows {
+            let held = tx
+                .prepare_cached(
+                    "SELECT p.name, p.birth_date, p.region, p.category, p.status, o.amount_fen
+                     FROM persons p LEFT JOIN imported_openings o ON o.psn_no = p.psn_no WHERE p.psn_no = ?1",
+                )?
+                .query_row([&row.person.psn_no], |found| {
+                    Ok(ExistingImport {
+                        person: PersonUpsert {
+                            psn_no: row.person.psn_no.clone(),
+                            name: found.get(0)?,
+                            birth_date: col_date(found, 1)?,
+                            region: found.get(2)?,
+                            category: col_enum(found, 3, PersonCategory::parse)?,
+                            status: col_enum(found, 4, InsuranceStatus::parse)?,
+                        },
+                        imported_opening: found.get::<_, Option<i64>>(5)?.map(Money::from_fen),
+                    })
+                })
+                .optional()?;
+            if let Some(held) = held {
+                verdicts.push(held.verdict(row));
+                continue;
+            }
+            let p = &row.person;
+            tx.prepare_cached(
+                "INSERT INTO persons (psn_no, name, birth_date, region, category, status, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?
+            .execute(params![
+                p.psn_no,
+                p.name,
+                date(p.birth_date),
+                p.region,
+                p.category.name(),
+                p.status.name(),
+                at
+            ])?;
+            if row.open_account {
+                tx.prepare_cached("INSERT INTO accounts (psn_no, status, opened_at) VALUES (?1, 'OPEN', ?2)")?
+                    .execute(params![p.psn_no, at])?;
+                let account_id = tx.last_insert_rowid();
+                let mut txn_id = None;
+                if !row.opening.is_zero() {
+                    let txn = match opening_txn {
+                        Some(txn) => txn,
+                        None => writer.new_txn(
+                            TxnKind::OpeningBalance,
+                            &chunk.reference,
+                            business_date,
+                            business_date,
+                            chunk.at,
+                            "bulk import",
+                        )?,
+                    };
+                    opening_txn = Some(txn);
+                    let credit = Posting {
+                        account_id,
+                        delta: row.opening,
+                        family_use: false,
+                        setl_id: "",
+                        counterparty: "MIGRATION",
+                    };
+                    let credited = writer.post(txn, business_date, &credit)?;
+                    assert!(credited.is_ok(), "a credit to a new open account is never declined");
+                    total = total.checked_add(row.opening).expect("a chunk's openings fit in Money");
+                    txn_id = Some(txn);
+                }
+                tx.prepare_cached(
+                    "INSERT INTO imported_openings (psn_no, amount_fen, txn_id, imported_at) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![p.psn_no, row.opening.to_fen(), txn_id, at])?;
+            }
+            verdicts.push(ImportVerdict::Applied);
+        }
+        if let Some(txn) = opening_txn {
+            let clearing = writer.system_posting(SystemAccount::MigrationClearing, total.negated(), "", "bulk import");
+            let debited = writer.post(txn, business_date, &clearing)?;
+            assert!(debited.is_ok(), "a system account is never declined");
+            writer.close_txn(txn)?;
+        }
+    }
+    tx.commit()?;
+    Ok(verdicts)
+}
+
+fn party(conn: &Connection, psn_no: &str) -> Sql<Option<Party>> {
+    conn.prepare_cached(
+        "SELECT p.region, p.status, a.status FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no
+         WHERE p.psn_no = ?1",
+    )?
+    .query_row([psn_no], |row| {
+        Ok(Party {
+            region: row.get(0)?,
+            status: col_enum(row, 1, InsuranceStatus::parse)?,
+            account_status: col_opt_enum(row, 2, AccountStatus::parse)?,
+        })
+    })
+    .optional()
+}
+
+fn import_families_sync(
+    conn: &mut Connection,
+    chunk: ImportChunk<FamilyImport>,
+    check: FamilyCheck,
+) -> Sql<Vec<ImportVerdict>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut verdicts = Vec::with_capacity(chunk.rows.len());
+    for row in &chunk.rows {
+        let facts = FamilyFacts {
+            owner: party(&tx, &row.owner_psn_no)?,
+            member: party(&tx, &row.member_psn_no)?,
+            active_relation: tx
+                .prepare_cached(
+                    "SELECT relation FROM family_links WHERE owner_psn_no = ?1 AND member_psn_no = ?2 AND revoked_at IS NULL",
+                )?
+                .query_row([&row.owner_psn_no, &row.member_psn_no], |found| col_enum(found, 0, Relation::parse))
+                .optional()?,
+        };
+        let effective_from = match facts.judge(row, &check) {
+            Ok(effective_from) => effective_from,
+            Err(verdict) => {
+                verdicts.push(verdict);
+                continue;
+            }
+        };
+        tx.prepare_cached(
+            "INSERT INTO family_links (owner_psn_no, member_psn_no, relation, effective_from, registered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            row.owner_psn_no,
+            row.member_psn_no,
+            row.relation.name(),
+            date(effective_from),
+            ts(chunk.at)
+        ])?;
+        tx.prepare_cached(FAMILY_ORDER_APPEND)?.execute(params![row.member_psn_no, row.owner_psn_no])?;
+        verdicts.push(ImportVerdict::Applied);
+    }
+    tx.commit()?;
+    Ok(verdicts)
+}
+
+/// A new link goes last in the member's deduction order (DESIGN §1 Paying 1: order of registration).
+const FAMILY_ORDER_APPEND: &str = "INSERT OR REPLACE INTO family_order (member_psn_no, owner_psn_no, position)
+     VALUES (?1, ?2, (SELECT COALESCE(MAX(position), 0) + 1 FROM family_order WHERE member_psn_no = ?1))";

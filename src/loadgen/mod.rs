@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-pub use setup::{setup, Population};
+pub use setup::{names, setup, write_population, Names, Population};
 
 /// The PIN every PIN-paying bench person gets.
 pub const BENCH_PIN: &str = "284617";

@@ -98,20 +98,72 @@ fn ignore_exists(result: Result<(), tonic::Status>) -> Result<(), String> {
     }
 }
 
-/// Sets up (or reuses) the population `prefix` on the gateway at `channel`.
-pub async fn setup(
-    channel: Channel,
-    operator_key: &str,
-    prefix: &str,
-    accounts: usize,
-    run_id: &str,
-) -> Result<Population, String> {
+/// The population's person numbers.
+pub struct Names {
+    /// Funded accounts; the first 1% are the hot ones.
+    pub payers: Vec<String>,
+    /// Payers with an empty own account who draw on 1–3 family accounts.
+    pub family_payers: Vec<String>,
+    /// Funded payers with a PIN: 1,000 spread over the payers.
+    pub pin_payers: Vec<String>,
+}
+
+pub fn names(prefix: &str, accounts: usize) -> Names {
     let accounts = accounts.max(100);
     let payers: Vec<String> = (0..accounts).map(|i| format!("{prefix}{i:08}")).collect();
     let family_payers: Vec<String> = (0..(accounts / 10).max(10)).map(|i| format!("{prefix}F{i:07}")).collect();
     let pin_payers: Vec<String> = payers.iter().step_by((accounts / 1000).max(1)).take(1000).cloned().collect();
-    let key = operator_key.to_string();
+    Names { payers, family_payers, pin_payers }
+}
 
+/// Family payer `index` draws on 1–3 funded accounts (indexes into the payers), in this order.
+fn family_owners(index: usize, payers: usize) -> Vec<(usize, pb::Relation)> {
+    let mut mix = Mix::new(index as u64);
+    let relations = [pb::Relation::Spouse, pb::Relation::Parent, pb::Relation::Child];
+    relations
+        .iter()
+        .take(1 + index % 3)
+        .enumerate()
+        .map(|(slot, relation)| ((index * 7 + slot * 13 + mix.below(5)) % payers, *relation))
+        .collect()
+}
+
+/// Writes the population `prefix` as the two CSV files `yibao admin import` takes (people.csv and
+/// families.csv in `dir`): the same people, balances and families `setup` would create through the
+/// API, for populations too large to create call by call.
+pub fn write_population(prefix: &str, accounts: usize, dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let Names { payers, family_payers, .. } = names(prefix, accounts);
+    std::fs::create_dir_all(dir)?;
+    let mut people = std::io::BufWriter::new(std::fs::File::create(dir.join("people.csv"))?);
+    writeln!(people, "psn_no,name,birth_date,region,category,status,opening_balance")?;
+    for psn_no in &payers {
+        writeln!(people, "{psn_no},{psn_no},1980-01-01,110000,EMPLOYEE,ACTIVE,{OPENING}")?;
+    }
+    for psn_no in &family_payers {
+        writeln!(people, "{psn_no},{psn_no},1980-01-01,110000,EMPLOYEE,ACTIVE,0.00")?;
+    }
+    people.flush()?;
+    let mut families = std::io::BufWriter::new(std::fs::File::create(dir.join("families.csv"))?);
+    writeln!(families, "owner_psn_no,member_psn_no,relation")?;
+    for (index, member) in family_payers.iter().enumerate() {
+        for (owner, relation) in family_owners(index, payers.len()) {
+            let relation = relation.as_str_name().trim_start_matches("RELATION_");
+            writeln!(families, "{},{member},{relation}", payers[owner])?;
+        }
+    }
+    families.flush()
+}
+
+/// People, opening balances and families through the API, as an operator would.
+async fn set_up_people(
+    key: &str,
+    channel: &Channel,
+    payers: &[String],
+    family_payers: &[String],
+) -> Result<(), String> {
+    let (payers, family_payers, key, channel) =
+        (payers.to_vec(), family_payers.to_vec(), key.to_string(), channel.clone());
     let upsert = |key: String, channel: Channel| {
         move |psn_no: String| {
             let (key, channel) = (key.clone(), channel.clone());
@@ -157,14 +209,11 @@ pub async fn setup(
         async move {
             let mut account = pb::account_service_client::AccountServiceClient::new(channel);
             let index: usize = member.rsplit('F').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            let mut mix = Mix::new(index as u64);
-            let relations = [pb::Relation::Spouse, pb::Relation::Parent, pb::Relation::Child];
-            for (slot, relation) in relations.iter().take(1 + index % 3).enumerate() {
-                let owner = payers[(index * 7 + slot * 13 + mix.below(5)) % payers.len()].clone();
+            for (owner, relation) in family_owners(index, payers.len()) {
                 let request = pb::RegisterFamilyMemberRequest {
-                    owner_psn_no: owner,
+                    owner_psn_no: payers[owner].clone(),
                     member_psn_no: member.clone(),
-                    relation: *relation as i32,
+                    relation: relation as i32,
                 };
                 ignore_exists(account.register_family_member(auth(request, &key)).await.map(|_| ()))?;
             }
@@ -172,6 +221,28 @@ pub async fn setup(
         }
     })
     .await?;
+    Ok(())
+}
+
+/// Sets up (or reuses) the population `prefix` on the gateway at `channel`. With `imported`, its
+/// people, balances and families were imported before (`write_population`), and only PINs and the
+/// run's institution are set up here.
+pub async fn setup(
+    channel: Channel,
+    operator_key: &str,
+    prefix: &str,
+    accounts: usize,
+    run_id: &str,
+    imported: bool,
+) -> Result<Population, String> {
+    let Names { payers, family_payers, pin_payers } = names(prefix, accounts);
+    let key = operator_key.to_string();
+    if imported {
+        eprintln!("people, balances and families: imported before (yibao bench population + yibao admin import)");
+    } else {
+        set_up_people(&key, &channel, &payers, &family_payers).await?;
+    }
+
     let (k, c) = (key.clone(), channel.clone());
     for_all("PINs", pin_payers.clone(), move |psn_no: String| {
         let (key, channel) = (k.clone(), c.clone());

@@ -144,6 +144,16 @@ CREATE TABLE IF NOT EXISTS adjustments (
 );
 CREATE INDEX IF NOT EXISTS adjustments_by_hold ON adjustments(hold_id);
 
+-- Opening balances carried over by a bulk import (`yibao admin import`), one row per imported
+-- account (zero included): how a re-run of the same file knows the balance is there already. The
+-- money itself is a posting of an OPENING_BALANCE transaction against MIGRATION_CLEARING.
+CREATE TABLE IF NOT EXISTS imported_openings (
+    psn_no      TEXT PRIMARY KEY,
+    amount      NUMERIC(18,2) NOT NULL CHECK (amount >= 0),
+    txn_id      BIGINT,
+    imported_at TIMESTAMPTZ NOT NULL
+);
+
 -- The fate of every hold-taking write, decided once: committed by the write itself, or fenced by
 -- the sweeper after the hold's lease ran out. The primary key makes the two exclusive, across
 -- gateways and whatever their clocks say.

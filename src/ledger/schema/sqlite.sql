@@ -68,6 +68,16 @@ BEGIN SELECT RAISE(ABORT, 'transactions are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS txns_no_delete BEFORE DELETE ON txns
 BEGIN SELECT RAISE(ABORT, 'transactions are append-only'); END;
 
+-- Opening balances carried over by a bulk import (`yibao admin import`), one row per imported
+-- account (zero included): how a re-run of the same file knows the balance is there already. The
+-- money itself is a posting of an OPENING_BALANCE transaction against MIGRATION_CLEARING.
+CREATE TABLE IF NOT EXISTS imported_openings (
+    psn_no      TEXT PRIMARY KEY,
+    amount_fen  INTEGER NOT NULL CHECK (amount_fen >= 0),
+    txn_id      INTEGER,
+    imported_at TEXT NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS settlements (
     setl_id            TEXT PRIMARY KEY,
     institution_code   TEXT NOT NULL,
