@@ -3,8 +3,13 @@
 # embedded default and against PostgreSQL + Redis, all on the same cores. Results go to
 # target/bench/*.json and one summary line each on stdout.
 #
-#   scripts/bench.sh                 # everything (about 10 minutes)
+#   scripts/bench.sh                 # everything (about an hour with 10M accounts for scenario f)
 #   SECONDS_PER_RUN=10 ACCOUNTS=20000 BACKENDS=postgres-redis scripts/bench.sh
+#   SCENARIOS="f" LARGE_ACCOUNTS=1000000 scripts/bench.sh
+#
+# Scenarios (SCENARIOS, default all): a e-voucher self only, b 30% family, c card + PIN, d hot
+# accounts, e rate stepped up until p99 > 20 ms or errors, f scenario a on LARGE_ACCOUNTS accounts
+# loaded by `yibao bench population` + `yibao admin import`, with Redis memory per cached account.
 #
 # Needs redis-server and PostgreSQL binaries (scripts/test.sh installs them) and pgbench.
 set -euo pipefail
@@ -17,6 +22,12 @@ RUN_SECONDS=${SECONDS_PER_RUN:-20}
 ACCOUNTS=${ACCOUNTS:-100000}
 RATE=${RATE:-3500}
 CONNECTIONS=${CONNECTIONS:-8}
+SCENARIOS=" ${SCENARIOS:-a b c d e f} "
+STEP_FROM=${STEP_FROM:-500}
+STEP_BY=${STEP_BY:-500}
+STEP_TO=${STEP_TO:-6000}
+STEP_SECONDS=${STEP_SECONDS:-10}
+LARGE_ACCOUNTS=${LARGE_ACCOUNTS:-10000000}
 export YIBAO_OPERATOR_KEY=bench-operator-key-0123456789
 export YIBAO_PIN_PEPPER=bench-pepper
 work=$(mktemp -d)
@@ -56,25 +67,67 @@ done
 fi
 
 # --- scenarios on each backend pair ---------------------------------------------------------
-run_backend() {
+has() { case "$SCENARIOS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# start_gateway NAME SERVE-ARGS…: starts `yibao serve` and waits until it answers; sets $gw, $server.
+start_gateway() {
   local name=$1; shift
   local port; port=$(free_port)
-  $Y serve --listen "127.0.0.1:$port" --data-dir "$work/$name" "$@" >"$work/$name.log" 2>&1 & local gw=$!
+  $Y serve --listen "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 & gw=$!
   pids+=($gw)
-  until $Y balance --server "http://127.0.0.1:$port" --key "$YIBAO_OPERATOR_KEY" --psn-no none >/dev/null 2>&1 \
-        || grep -q "UNKNOWN_PERSON" <($Y balance --server "http://127.0.0.1:$port" --key "$YIBAO_OPERATOR_KEY" --psn-no none 2>&1); do
+  server="http://127.0.0.1:$port"
+  until grep -q "UNKNOWN_PERSON" <($Y balance --server "$server" --key "$YIBAO_OPERATOR_KEY" --psn-no none 2>&1); do
     sleep 0.3
   done
-  local base=(--server "http://127.0.0.1:$port" --accounts "$ACCOUNTS" --prefix BN --connections "$CONNECTIONS" --seconds "$RUN_SECONDS")
-  echo "== $name"
-  $Y bench run "${base[@]}" --rate "$RATE" --scenario "$name-a-evoucher" --json "$OUT/$name-a.json"
-  $Y bench run "${base[@]}" --rate "$RATE" --family-share 0.3 --scenario "$name-b-family" --json "$OUT/$name-b.json"
-  $Y bench run "${base[@]}" --rate 60 --pin-share 1.0 --scenario "$name-c-pin" --json "$OUT/$name-c.json"
-  $Y bench run "${base[@]}" --rate "$RATE" --hot-share 0.5 --scenario "$name-d-hot" --json "$OUT/$name-d.json"
+}
+
+# Scenario f: the population written as CSV once, imported into this backend's ledger, then (a).
+run_large() {
+  local name=$1 ledger_args=$2 redis_args=$3
+  local pop="$work/population"
+  if [ ! -f "$pop/people.csv" ]; then $Y bench population --accounts "$LARGE_ACCOUNTS" --prefix BL --dir "$pop"; fi
+  echo "== $name: importing $LARGE_ACCOUNTS accounts"
+  # shellcheck disable=SC2086
+  $Y admin import --people "$pop/people.csv" \
+    --families "$pop/families.csv" $ledger_args | tee "$OUT/$name-f-import.txt"
+  # shellcheck disable=SC2086
+  start_gateway "$name-large" $ledger_args $redis_args
+  $Y bench run --server "$server" --accounts "$LARGE_ACCOUNTS" --prefix BL --imported --connections "$CONNECTIONS" \
+    --seconds "$RUN_SECONDS" --rate "$RATE" --scenario "$name-f-large" --json "$OUT/$name-f.json"
+  if [ -n "$redis_args" ]; then
+    # Memory of one cached account (its balance hash), averaged over a sample of the accounts the run touched.
+    redis-cli -p "$redis_port" --scan --pattern 'yb:{a:*}' --count 1000 | grep -v ':h$' | head -2000 >"$work/sample"
+    local cached; cached=$(redis-cli -p "$redis_port" --scan --pattern 'yb:{a:*}' --count 1000 | grep -vc ':h$' || true)
+    awk -v p="$redis_port" '{ print "MEMORY USAGE " $0 }' "$work/sample" | redis-cli -p "$redis_port" \
+      | awk -v cached="$cached" -v n="$LARGE_ACCOUNTS" '{ s += $1; k++ } END {
+          printf "redis memory per cached account: %.0f bytes (MEMORY USAGE over %d of %d cached accounts); all %d accounts cached: %.2f GiB\n",
+                 s / k, k, cached, n, s / k * n / 1073741824 }' | tee "$OUT/$name-f-redis-memory.txt"
+    redis-cli -p "$redis_port" info memory | grep -E "^used_memory_human" | tee -a "$OUT/$name-f-redis-memory.txt"
+  fi
   kill "$gw"; wait "$gw" 2>/dev/null || true
 }
-case " ${BACKENDS:-embedded postgres-redis} " in *" embedded "*) run_backend embedded ;; esac
+
+run_backend() {
+  local name=$1 ledger_args=$2 redis_args=$3
+  # shellcheck disable=SC2086
+  start_gateway "$name" $ledger_args $redis_args
+  local base=(--server "$server" --accounts "$ACCOUNTS" --prefix BN --connections "$CONNECTIONS")
+  echo "== $name"
+  if has a; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --scenario "$name-a-evoucher" --json "$OUT/$name-a.json"; fi
+  if has b; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --family-share 0.3 --scenario "$name-b-family" --json "$OUT/$name-b.json"; fi
+  if has c; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate 60 --pin-share 1.0 --scenario "$name-c-pin" --json "$OUT/$name-c.json"; fi
+  if has d; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --hot-share 0.5 --scenario "$name-d-hot" --json "$OUT/$name-d.json"; fi
+  if has e; then
+    $Y bench run "${base[@]}" --seconds "$STEP_SECONDS" --rate "$STEP_FROM" --step-by "$STEP_BY" --step-to "$STEP_TO" \
+      --p99-target-ms 20 --scenario "$name-e-step" --json "$OUT/$name-e.json"
+  fi
+  kill "$gw"; wait "$gw" 2>/dev/null || true
+  if has f; then run_large "$name" "$ledger_args" "$redis_args"; fi
+}
 case " ${BACKENDS:-embedded postgres-redis} " in
-  *" postgres-redis "*) run_backend postgres-redis --ledger-url "$pg_url" --redis-url "redis://127.0.0.1:$redis_port/0" ;;
+  *" embedded "*) run_backend embedded "--data-dir $work/embedded" "" ;;
+esac
+case " ${BACKENDS:-embedded postgres-redis} " in
+  *" postgres-redis "*) run_backend postgres-redis "--ledger-url $pg_url" "--redis-url redis://127.0.0.1:$redis_port/0" ;;
 esac
 echo "results in $OUT"
