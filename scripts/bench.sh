@@ -96,8 +96,8 @@ run_large() {
     --seconds "$RUN_SECONDS" --rate "$RATE" --scenario "$name-f-large" --json "$OUT/$name-f.json"
   if [ -n "$redis_args" ]; then
     # Memory of one cached account (its balance hash), averaged over a sample of the accounts the run touched.
-    redis-cli -p "$redis_port" --scan --pattern 'yb:{a:*}' --count 1000 | grep -v ':h$' | head -2000 >"$work/sample"
-    local cached; cached=$(redis-cli -p "$redis_port" --scan --pattern 'yb:{a:*}' --count 1000 | grep -vc ':h$' || true)
+    redis-cli -p "$redis_port" --scan --pattern 'yb:{a:*}' | grep -v ':h$' | head -2000 >"$work/sample"
+    local cached; cached=$(redis-cli -p "$redis_port" --scan --pattern 'yb:{a:*}' | grep -vc ':h$' || true)
     awk -v p="$redis_port" '{ print "MEMORY USAGE " $0 }' "$work/sample" | redis-cli -p "$redis_port" \
       | awk -v cached="$cached" -v n="$LARGE_ACCOUNTS" '{ s += $1; k++ } END {
           printf "redis memory per cached account: %.0f bytes (MEMORY USAGE over %d of %d cached accounts); all %d accounts cached: %.2f GiB\n",

@@ -32,6 +32,10 @@ use std::sync::Arc;
 pub const CHUNK_ROWS_DEFAULT: usize = 20_000;
 /// Chunks parsed ahead of the ledger: bounds the reader's memory.
 const CHUNKS_AHEAD_MAX: usize = 2;
+/// Rows per ledger transaction at most, whatever `--chunk-rows` says.
+pub const CHUNK_ROWS_MAX: usize = 1_000_000;
+/// Rows in a row that are not UTF-8, before any good one, that stop the import.
+const NOT_UTF8_ROWS_MAX: u64 = 100;
 /// Longest name accepted, in characters.
 const NAME_CHARS_MAX: usize = 100;
 
@@ -122,10 +126,12 @@ struct Repeat {
 
 impl Importer {
     pub async fn import(&self, kind: FileKind, path: &Path, observer: &mut dyn Observer) -> Result<Tally, ImportError> {
-        match kind {
-            FileKind::People => self.import_people(path, observer).await,
-            FileKind::Families => self.import_families(path, observer).await,
-        }
+        let tally = match kind {
+            FileKind::People => self.import_people(path, observer).await?,
+            FileKind::Families => self.import_families(path, observer).await?,
+        };
+        self.ledger.import_finished().await?;
+        Ok(tally)
     }
 
     async fn import_people(&self, path: &Path, observer: &mut dyn Observer) -> Result<Tally, ImportError> {
@@ -145,7 +151,8 @@ impl Importer {
             let lines: Vec<u64> = parsed.rows.iter().map(|row| row.line).collect();
             let rows = std::mem::take(&mut parsed.rows);
             let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
-            let verdicts = self.ledger.import_people(chunk).await?;
+            // A chunk of refused rows only still reports; it need not lock anything.
+            let verdicts = if chunk.rows.is_empty() { Vec::new() } else { self.ledger.import_people(chunk).await? };
             report(&mut tally, observer, &lines, verdicts, parsed);
         }
         finish(reader, path).await?;
@@ -179,7 +186,11 @@ impl Importer {
             let lines: Vec<u64> = parsed.rows.iter().map(|row| row.line).collect();
             let rows = std::mem::take(&mut parsed.rows);
             let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
-            let verdicts = self.ledger.import_families(chunk, check.clone()).await?;
+            let verdicts = if chunk.rows.is_empty() {
+                Vec::new()
+            } else {
+                self.ledger.import_families(chunk, check.clone()).await?
+            };
             report(&mut tally, observer, &lines, verdicts, parsed);
         }
         finish(reader, path).await?;
@@ -220,21 +231,25 @@ fn report<T>(
     assert_eq!(lines.len(), verdicts.len(), "one verdict per row");
     let mut refused = parsed.refused;
     tally.refused += refused.len() as u64;
-    for (line, verdict) in lines.iter().zip(verdicts) {
-        tally.count(&verdict);
-        if let ImportVerdict::Refused(message) = verdict {
-            refused.push(Refusal { line: *line, message });
-        }
+    for verdict in &verdicts {
+        tally.count(verdict);
     }
+    let verdict_of: HashMap<u64, ImportVerdict> = lines.iter().copied().zip(verdicts).collect();
     for repeat in parsed.repeats {
-        if repeat.same {
-            tally.already_there += 1;
-        } else {
-            tally.refused += 1;
-            refused.push(Refusal {
-                line: repeat.line,
-                message: format!("repeats the key of line {} with other content", repeat.first_line),
-            });
+        let message = match verdict_of.get(&repeat.first_line) {
+            _ if !repeat.same => format!("repeats the key of line {} with other content", repeat.first_line),
+            Some(ImportVerdict::Refused(message)) => format!("same as line {}, refused: {message}", repeat.first_line),
+            _ => {
+                tally.already_there += 1;
+                continue;
+            }
+        };
+        tally.refused += 1;
+        refused.push(Refusal { line: repeat.line, message });
+    }
+    for (line, verdict) in verdict_of {
+        if let ImportVerdict::Refused(message) = verdict {
+            refused.push(Refusal { line, message });
         }
     }
     refused.sort_by_key(|r| r.line);
@@ -273,7 +288,16 @@ fn read_chunks<T: Send + 'static>(
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(file);
     let header: Vec<String> =
         reader.headers().map_err(|e| file_error(format!("header: {e}")))?.iter().map(str::to_string).collect();
-    for name in &header {
+    if header.iter().all(String::is_empty) {
+        return Err(file_error(format!(
+            "the file is empty; the first line must name the columns {}",
+            columns.join(",")
+        )));
+    }
+    for (index, name) in header.iter().enumerate() {
+        if header[..index].contains(name) {
+            return Err(file_error(format!("column {name:?} appears twice in the header")));
+        }
         if !columns.contains(&name.as_str()) {
             return Err(file_error(format!("unknown column {name:?}; the columns are {}", columns.join(","))));
         }
@@ -283,10 +307,13 @@ fn read_chunks<T: Send + 'static>(
             return Err(file_error(format!("missing column {column:?}; the columns are {}", columns.join(","))));
         }
     }
-    let chunk_rows = chunk_rows.max(1);
+    let chunk_rows = chunk_rows.clamp(1, CHUNK_ROWS_MAX);
+    let mut lines = LineCounter::open(&path).map_err(|e| file_error(e.to_string()))?;
     let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_AHEAD_MAX);
     let handle = tokio::task::spawn_blocking(move || {
         let mut record = csv::StringRecord::new();
+        let mut accepted: u64 = 0;
+        let mut not_utf8: u64 = 0;
         let fresh =
             || Parsed { rows: Vec::with_capacity(chunk_rows), refused: Vec::new(), repeats: Vec::new(), bytes_read: 0 };
         let mut parsed = fresh();
@@ -294,14 +321,19 @@ fn read_chunks<T: Send + 'static>(
         let mut seen: HashMap<String, (usize, u64)> = HashMap::new();
         loop {
             let read = reader.read_record(&mut record);
-            let line = record.position().map(|p| p.line()).unwrap_or(0);
+            let start = match &read {
+                Ok(_) => record.position().map(|p| p.byte()),
+                Err(error) => error.position().map(|p| p.byte()),
+            };
+            let line = lines.line_at(start.unwrap_or(0)).map_err(|e| format!("cannot read the file: {e}"))?;
             match read {
                 Ok(false) => break,
                 Ok(true) if record.len() != header.len() => parsed.refused.push(Refusal {
                     line,
-                    message: format!("{} fields; the header has {}", record.len(), header.len()),
+                    message: format!("{} field(s); the header has {}", record.len(), header.len()),
                 }),
                 Ok(true) => {
+                    accepted += 1;
                     let fields: HashMap<&str, &str> = header.iter().map(String::as_str).zip(record.iter()).collect();
                     match parse(line, &fields) {
                         Ok(row) => {
@@ -321,14 +353,22 @@ fn read_chunks<T: Send + 'static>(
                     }
                 }
                 Err(error) => {
-                    let line = error.position().map(|p| p.line()).unwrap_or(line);
                     if matches!(error.kind(), csv::ErrorKind::Io(_)) {
                         return Err(format!("line {line}: {error}"));
+                    }
+                    if matches!(error.kind(), csv::ErrorKind::Utf8 { .. }) {
+                        not_utf8 += 1;
+                        // A legacy export in GBK fails on every row: say so once instead.
+                        if accepted == 0 && not_utf8 >= NOT_UTF8_ROWS_MAX {
+                            return Err(format!(
+                                "the first {not_utf8} rows are not UTF-8; convert the file first (for GBK: iconv -f GBK -t UTF-8)"
+                            ));
+                        }
                     }
                     parsed.refused.push(Refusal { line, message: format!("not readable as CSV: {error}") });
                 }
             }
-            if parsed.rows.len() >= chunk_rows {
+            if parsed.rows.len() + parsed.refused.len() >= chunk_rows {
                 parsed.bytes_read = reader.position().byte();
                 seen.clear();
                 if sender.blocking_send(std::mem::replace(&mut parsed, fresh())).is_err() {
@@ -341,6 +381,58 @@ fn read_chunks<T: Send + 'static>(
         Ok(())
     });
     Ok((receiver, bytes_total, handle))
+}
+
+/// Line numbers as an editor shows them (a line ends at `\n`, `\r\n` or a lone `\r`), for the byte
+/// offset where the csv reader says a record begins. The csv crate's own line count is off by one
+/// for CRLF files (Excel's exports) and after blank lines, because it records a position before it
+/// skips the previous line's terminator; so this reads the file a second time, forward only.
+struct LineCounter {
+    reader: std::io::BufReader<std::fs::File>,
+    offset: u64,
+    line: u64,
+    after_cr: bool,
+}
+
+impl LineCounter {
+    fn open(path: &Path) -> std::io::Result<LineCounter> {
+        let reader = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path)?);
+        Ok(LineCounter { reader, offset: 0, line: 1, after_cr: false })
+    }
+
+    /// The line on which the record csv places at `byte` really starts: skips the terminators and
+    /// blank lines between `byte` and the record's first character. Offsets only grow.
+    fn line_at(&mut self, byte: u64) -> std::io::Result<u64> {
+        use std::io::BufRead;
+        loop {
+            let buffer = self.reader.fill_buf()?;
+            if buffer.is_empty() {
+                return Ok(self.line);
+            }
+            let mut used = 0;
+            for &b in buffer {
+                if self.offset >= byte && b != b'\n' && b != b'\r' {
+                    break;
+                }
+                match b {
+                    b'\n' if self.after_cr => self.after_cr = false,
+                    b'\n' => self.line += 1,
+                    b'\r' => {
+                        self.line += 1;
+                        self.after_cr = true;
+                    }
+                    _ => self.after_cr = false,
+                }
+                self.offset += 1;
+                used += 1;
+            }
+            let done = used < buffer.len();
+            self.reader.consume(used);
+            if done {
+                return Ok(self.line);
+            }
+        }
+    }
 }
 
 // ---- one row ---------------------------------------------------------------------------------------
@@ -382,7 +474,9 @@ fn person_row(
     }
     let birth_text = field(fields, "birth_date");
     let birth_date = NaiveDate::parse_from_str(birth_text, "%Y-%m-%d")
-        .map_err(|_| format!("birth_date: {birth_text:?} is not a date YYYY-MM-DD"))?;
+        .ok()
+        .filter(|_| birth_text.len() == 10)
+        .ok_or_else(|| format!("birth_date: {birth_text:?} is not a date YYYY-MM-DD"))?;
     if birth_date > today {
         return Err(format!("birth_date: {birth_date} is in the future"));
     }
@@ -391,10 +485,12 @@ fn person_row(
         return Err(format!("region: {region:?} is not a 6-digit region code"));
     }
     let policy = policies.region(region).ok_or_else(|| format!("region: {region} has no policy file loaded"))?;
-    let category = named(fields, "category", PersonCategory::parse, &["EMPLOYEE", "RETIREE", "FLEXIBLE", "RESIDENT"])?;
+    let categories: Vec<&str> = PersonCategory::ALL.iter().map(|c| c.name()).collect();
+    let category = named(fields, "category", PersonCategory::parse, &categories)?;
+    let statuses: Vec<&str> = InsuranceStatus::ALL.iter().map(|s| s.name()).collect();
     let status = match field(fields, "status") {
         "" => InsuranceStatus::Active,
-        _ => named(fields, "status", InsuranceStatus::parse, &["ACTIVE", "SUSPENDED", "REMOVED", "TERMINATED"])?,
+        _ => named(fields, "status", InsuranceStatus::parse, &statuses)?,
     };
     let opening = match field(fields, "opening_balance") {
         "" => Money::ZERO,

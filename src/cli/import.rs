@@ -106,6 +106,21 @@ pub async fn run(args: ImportArgs) -> ExitCode {
     };
     let started = async {
         let config = Config::load(&overrides).map_err(|e| e.to_string())?;
+        // A mistyped --data-dir must not quietly create an empty ledger and fill it.
+        let ledger = match &config.ledger_url {
+            Some(url) => crate::config::redact_url(url),
+            None => {
+                let path = config.data_dir.join("ledger.db");
+                if !path.exists() {
+                    return Err(format!(
+                        "no ledger at {}: give the gateway's --data-dir (or --ledger-url); `yibao serve` creates it",
+                        path.display()
+                    ));
+                }
+                path.display().to_string()
+            }
+        };
+        eprintln!("importing into the ledger at {ledger}");
         let policies = crate::app::load_policies(&config).map_err(|e| e.to_string())?;
         let ledger = crate::app::open_ledger(&config).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((policies, ledger))
@@ -149,10 +164,11 @@ async fn import_file(importer: &Importer, kind: FileKind, path: &Path) -> Result
     let file = path.display().to_string();
     let terminal = std::io::stderr().is_terminal();
     let mut printer = Printer { file: file.clone(), started: Instant::now(), last_drawn: None, terminal };
-    let tally = importer.import(kind, path, &mut printer).await?;
+    let result = importer.import(kind, path, &mut printer).await;
     if terminal {
         eprint!("\r\x1b[2K");
     }
+    let tally = result?;
     let seconds = printer.started.elapsed().as_secs_f64();
     println!(
         "{file}: {} imported, {} already there, {} refused ({} rows in {seconds:.1} s)",

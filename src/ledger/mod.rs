@@ -105,6 +105,11 @@ pub trait Ledger: Send + Sync + 'static {
         chunk: ImportChunk<FamilyImport>,
         check: FamilyCheck,
     ) -> LedgerResult<Vec<ImportVerdict>>;
+    /// After an import: refresh the query planner's statistics, so the first payments on millions of
+    /// new rows do not run on plans made for an empty table.
+    async fn import_finished(&self) -> LedgerResult<()> {
+        Ok(())
+    }
 }
 
 /// Something that already exists (an institution code, an active family link).

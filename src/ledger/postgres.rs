@@ -838,6 +838,14 @@ impl Ledger for PostgresLedger {
         self.import_people_chunk(chunk).await
     }
 
+    async fn import_finished(&self) -> LedgerResult<()> {
+        let client = self.client().await?;
+        import_deadline(
+            client.batch_execute("ANALYZE persons, accounts, postings, family_links, family_order, imported_openings"),
+        )
+        .await
+    }
+
     async fn import_families(
         &self,
         chunk: ImportChunk<FamilyImport>,
@@ -1038,7 +1046,9 @@ impl PostgresLedger {
         }
         import_deadline(writer.finish()).await?;
         let facts = import_deadline(tx.query(
-            "SELECT f.line, o.region, o.status, oa.status, m.region, m.status, ma.status, l.relation
+            "SELECT f.line, o.region, o.status, oa.status, m.region, m.status, ma.status, l.relation,
+                    EXISTS (SELECT 1 FROM family_links r WHERE r.owner_psn_no = f.owner_psn_no
+                            AND r.member_psn_no = f.member_psn_no AND r.revoked_at IS NOT NULL)
              FROM import_families f
              LEFT JOIN persons o ON o.psn_no = f.owner_psn_no LEFT JOIN accounts oa ON oa.psn_no = f.owner_psn_no
              LEFT JOIN persons m ON m.psn_no = f.member_psn_no LEFT JOIN accounts ma ON ma.psn_no = f.member_psn_no
@@ -1057,6 +1067,7 @@ impl PostgresLedger {
                 owner: party_from_row(found, 1)?,
                 member: party_from_row(found, 4)?,
                 active_relation: opt_parse(found.get(7), Relation::parse)?,
+                revoked_before: found.get(8),
             };
             match facts.judge(row, &check) {
                 Ok(effective_from) => {

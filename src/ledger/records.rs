@@ -533,18 +533,25 @@ pub struct FamilyFacts {
     pub member: Option<Party>,
     /// The relation of the active link between them, if one is registered.
     pub active_relation: Option<Relation>,
+    /// A link between them was registered once and revoked since.
+    pub revoked_before: bool,
 }
 
 impl FamilyFacts {
     /// The link's `effective_from` when the row is to be applied; otherwise its verdict. A link
     /// already registered with the same relation is already there (whatever has changed since);
-    /// with another relation it is refused; a new one is judged by `check`.
+    /// with another relation, or revoked since, it is refused; a new one is judged by `check`.
     pub fn judge(&self, row: &FamilyImport, check: &FamilyCheck) -> Result<NaiveDate, ImportVerdict> {
         match self.active_relation {
             Some(relation) if relation == row.relation => Err(ImportVerdict::AlreadyThere),
             Some(relation) => Err(ImportVerdict::Refused(format!(
                 "this member is already registered with the owner as {relation}; revoke that link first"
             ))),
+            // A re-run of an old file must not bring back what the owner revoked since.
+            None if self.revoked_before => Err(ImportVerdict::Refused(
+                "this link was registered before and revoked since; register it again with RegisterFamilyMember if that is meant"
+                    .into(),
+            )),
             None => check(row, self).map_err(ImportVerdict::Refused),
         }
     }

@@ -1333,6 +1333,10 @@ impl Ledger for SqliteLedger {
         self.write(move |conn, system| import_people_sync(conn, system, chunk)).await
     }
 
+    async fn import_finished(&self) -> LedgerResult<()> {
+        self.write(|conn, _| conn.execute_batch("PRAGMA optimize")).await
+    }
+
     async fn import_families(
         &self,
         chunk: ImportChunk<FamilyImport>,
@@ -1482,6 +1486,12 @@ fn import_families_sync(
                 )?
                 .query_row([&row.owner_psn_no, &row.member_psn_no], |found| col_enum(found, 0, Relation::parse))
                 .optional()?,
+            revoked_before: tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM family_links WHERE owner_psn_no = ?1 AND member_psn_no = ?2
+                                    AND revoked_at IS NOT NULL)",
+                )?
+                .query_row([&row.owner_psn_no, &row.member_psn_no], |found| found.get(0))?,
         };
         let effective_from = match facts.judge(row, &check) {
             Ok(effective_from) => effective_from,

@@ -182,6 +182,12 @@ CREATE TABLE IF NOT EXISTS family_links (
 CREATE UNIQUE INDEX IF NOT EXISTS family_links_active
     ON family_links(owner_psn_no, member_psn_no) WHERE revoked_at IS NULL;
 CREATE INDEX IF NOT EXISTS family_links_by_member ON family_links(member_psn_no);
+-- Every payment looks up the payer's family sources by member among active links. Led by the
+-- member, so the lookup is a point lookup: with only the (owner, member) index above, the planner
+-- walked that whole partial index for each payment (measured: 199 buffers, 1.2 ms with 40k links,
+-- a third of the database's CPU under load).
+CREATE INDEX IF NOT EXISTS family_links_active_by_member ON family_links(member_psn_no, owner_psn_no)
+    WHERE revoked_at IS NULL;
 
 CREATE TABLE IF NOT EXISTS family_order (
     member_psn_no TEXT NOT NULL,
@@ -524,7 +530,12 @@ BEGIN
         'delta', v_row.delta::TEXT, 'balance_after', v_row.balance_after::TEXT, 'at_us', yibao_us(v_row.at)));
 END $$;
 
--- The batch: one outcome per write, each write in its own subtransaction.
+-- The batch: one outcome per write. The common batch has no refusal (the cache checked balances
+-- before the write was queued), so the whole batch is tried first inside a single subtransaction.
+-- If any write is refused or fails, that attempt is rolled back whole and the batch is replayed
+-- with each write in its own subtransaction, so one refusal never fails the others. A
+-- subtransaction per write costs a savepoint each, and past 64 in one transaction PostgreSQL's
+-- per-backend subtransaction cache overflows, which slows every other session's snapshots.
 CREATE OR REPLACE FUNCTION yibao_commit(p_writes JSONB, p_now_ms BIGINT) RETURNS JSONB LANGUAGE plpgsql AS $$
 DECLARE
     w JSONB;
@@ -533,6 +544,23 @@ DECLARE
     v_message TEXT;
     v_detail TEXT;
 BEGIN
+    BEGIN
+        FOR w IN SELECT * FROM jsonb_array_elements(p_writes) LOOP
+            v_result := CASE w->>'kind'
+                WHEN 'settle' THEN yibao_settle(w, p_now_ms)
+                WHEN 'refund' THEN yibao_refund(w)
+                WHEN 'reverse' THEN yibao_reverse(w)
+                WHEN 'adjust' THEN yibao_adjust(w, p_now_ms)
+            END;
+            IF v_result IS NULL OR v_result ? 'decline' THEN
+                RAISE EXCEPTION USING ERRCODE = 'YB011', MESSAGE = 'replay the batch write by write';
+            END IF;
+            v_results := v_results || jsonb_build_array(v_result);
+        END LOOP;
+        RETURN v_results;
+    EXCEPTION WHEN OTHERS THEN
+        v_results := '[]'::JSONB;
+    END;
     FOR w IN SELECT * FROM jsonb_array_elements(p_writes) LOOP
         BEGIN
             v_result := CASE w->>'kind'
