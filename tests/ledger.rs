@@ -5,6 +5,7 @@ mod common;
 on_both_backends!(
     the_sweepers_verdict_is_final,
     one_refused_write_never_fails_the_others_in_its_batch,
+    a_batch_drawing_one_account_several_times_posts_each_running_balance,
     the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
 );
@@ -73,6 +74,88 @@ async fn one_refused_write_never_fails_the_others_in_its_batch(backend: Backend)
     assert_eq!(results[3].as_ref().unwrap_err(), &WriteDecline::HoldExpired);
     assert!(matches!(&results[4], Ok(WriteOutcome::SettlementExists(existing)) if existing.setl_id == "S-a"));
     assert_eq!(gw.app.gateway.ledger.account_balance(account).await.unwrap().unwrap().0, Money::ZERO);
+    gw.assert_books_balance().await;
+}
+
+/// On PostgreSQL a batch of plain settlements is written set-based (yibao_settle_all); the
+/// postings, balances, sequence numbers and receipts must be exactly those of writing the batch
+/// write after write, as the embedded ledger does.
+async fn a_batch_drawing_one_account_several_times_posts_each_running_balance(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    gw.hospital().await;
+    gw.employee("P1", "10.00").await;
+    gw.employee("P2", "5.00").await;
+    gw.employee("P3", "0.00").await;
+    let (p1, p2, p3) = (account_of(&gw, "P1").await, account_of(&gw, "P2").await, account_of(&gw, "P3").await);
+    let ledger = &gw.app.gateway.ledger;
+    let seq0 = |account| async move { ledger.account_balance(account).await.unwrap().unwrap().1 };
+    let (s1, s2) = (seq0(p1).await, seq0(p2).await);
+    let debit = |account_id, owner: &str, amount: &str, family| DebitLine {
+        account_id,
+        owner_psn_no: owner.into(),
+        amount: yuan(amount),
+        family,
+    };
+    let a = settlement("S-a", "a", "P1", p1, "3.00", None);
+    let mut b = settlement("S-b", "b", "P2", p2, "9.00", None);
+    b.debits = vec![debit(p2, "P2", "5.00", false), debit(p1, "P1", "4.00", true)];
+    let mut c = settlement("S-c", "c", "P1", p1, "2.50", None);
+    c.debits = vec![debit(p1, "P1", "1.00", false)];
+    // P3's own account is empty: the whole payment comes from P1, and P3's balance stays 0.00.
+    let mut d = settlement("S-d", "d", "P3", p3, "2.00", Some(unix_ms() + 60_000));
+    d.debits = vec![debit(p1, "P1", "2.00", true)];
+    let batch = [a, b, c, d].into_iter().map(LedgerWrite::Settle).collect();
+    let results = ledger.commit_batch(batch).await.unwrap();
+
+    let settled: Vec<_> = results
+        .into_iter()
+        .map(|result| match result {
+            Ok(WriteOutcome::Settled { record, changes }) => (record, changes),
+            other => panic!("expected a settlement, got {other:?}"),
+        })
+        .collect();
+    let receipt = |i: usize| {
+        let (record, _) = &settled[i];
+        (
+            record.acct_pay.to_string(),
+            record.acct_mulaid_pay.to_string(),
+            record.psn_cash_pay.to_string(),
+            record.balc.to_string(),
+        )
+    };
+    let moves =
+        |i: usize| settled[i].1.iter().map(|c| (c.account_id, c.balance_after.to_string(), c.seq)).collect::<Vec<_>>();
+    assert_eq!(receipt(0), ("3.00".into(), "0.00".into(), "0.00".into(), "7.00".into()));
+    assert_eq!(moves(0), vec![(p1, "7.00".into(), s1 + 1)]);
+    assert_eq!(receipt(1), ("5.00".into(), "4.00".into(), "0.00".into(), "0.00".into()));
+    assert_eq!(moves(1), vec![(p2, "0.00".into(), s2 + 1), (p1, "3.00".into(), s1 + 2)]);
+    assert_eq!(receipt(2), ("1.00".into(), "0.00".into(), "1.50".into(), "2.00".into()));
+    assert_eq!(moves(2), vec![(p1, "2.00".into(), s1 + 3)]);
+    assert_eq!(receipt(3), ("0.00".into(), "2.00".into(), "0.00".into(), "0.00".into()));
+    assert_eq!(moves(3), vec![(p1, "0.00".into(), s1 + 4)]);
+
+    // The ledger agrees: final balances and sequence numbers, and each posting's balance after it.
+    assert_eq!(ledger.account_balance(p1).await.unwrap().unwrap(), (Money::ZERO, s1 + 4));
+    assert_eq!(ledger.account_balance(p2).await.unwrap().unwrap(), (Money::ZERO, s2 + 1));
+    let entries = gw
+        .account()
+        .list_entries(auth(pb::ListEntriesRequest { psn_no: "P1".into(), ..Default::default() }, OPERATOR_KEY))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    // Newest first.
+    let p1_moves: Vec<(String, String)> = entries.iter().map(|e| (e.amount.clone(), e.balance_after.clone())).collect();
+    assert_eq!(
+        p1_moves,
+        vec![
+            ("-2.00".into(), "0.00".into()),
+            ("-1.00".into(), "2.00".into()),
+            ("-4.00".into(), "3.00".into()),
+            ("-3.00".into(), "7.00".into()),
+            ("10.00".into(), "10.00".into()),
+        ]
+    );
     gw.assert_books_balance().await;
 }
 

@@ -51,7 +51,9 @@ impl PostgresLedger {
     pub async fn connect(url: &str) -> Result<PostgresLedger, LedgerUnavailable> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| unavailable(format!("ledger URL: {e}")))?;
         // Durability is not negotiable: a commit returns only once it is on disk.
-        config.options("-c synchronous_commit=on");
+        // Generic plans for our prepared statements: every one is a lookup by key or a procedure
+        // call, and re-planning each execution (the default for some) cost a tenth of the CPU.
+        config.options("-c synchronous_commit=on -c plan_cache_mode=force_generic_plan");
         config.connect_timeout(Duration::from_secs(5));
         config.application_name("yibao-gateway");
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -384,8 +386,29 @@ const USABLE_SOURCES: &str =
      WHERE l.member_psn_no = $1 AND l.revoked_at IS NULL
      ORDER BY o.position, l.link_id";
 
-const NO_PIN_USED: &str = "SELECT COALESCE(SUM(acct_pay + mulaid), 0) FROM settlements
-     WHERE psn_no = $1 AND business_date = $2 AND auth_method = 'NO_PIN_LIMIT' AND status <> 'REVERSED'";
+/// The payer, their PIN state, today's no-PIN spending and their usable family sources (as
+/// parallel arrays, in deduction order), in one row. Columns 0..=13 are those of PERSON_SELECT.
+const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
+        p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
+        a.balance, a.seq, k.phc, k.failed_count,
+        (SELECT COALESCE(SUM(s.acct_pay + s.mulaid), 0) FROM settlements s
+          WHERE s.psn_no = p.psn_no AND s.business_date = $2 AND s.auth_method = 'NO_PIN_LIMIT'
+            AND s.status <> 'REVERSED') AS no_pin_used,
+        f.owners, f.relations, f.effective, f.accounts, f.statuses, f.balances, f.seqs
+     FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no
+     LEFT JOIN LATERAL (
+        SELECT array_agg(l.owner_psn_no ORDER BY o.position, l.link_id) AS owners,
+               array_agg(l.relation ORDER BY o.position, l.link_id) AS relations,
+               array_agg(l.effective_from ORDER BY o.position, l.link_id) AS effective,
+               array_agg(fa.account_id ORDER BY o.position, l.link_id) AS accounts,
+               array_agg(fa.status ORDER BY o.position, l.link_id) AS statuses,
+               array_agg(fa.balance ORDER BY o.position, l.link_id) AS balances,
+               array_agg(fa.seq ORDER BY o.position, l.link_id) AS seqs
+          FROM family_links l
+          JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
+          JOIN accounts fa ON fa.psn_no = l.owner_psn_no
+         WHERE l.member_psn_no = p.psn_no AND l.revoked_at IS NULL) f ON TRUE
+     WHERE p.psn_no = $1";
 
 fn family_link(row: &Row, revoked: bool) -> LedgerResult<FamilyLinkRecord> {
     Ok(FamilyLinkRecord {
@@ -425,34 +448,48 @@ impl Ledger for PostgresLedger {
     }
 
     async fn payer_context(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<Option<PayerContext>> {
-        let client = self.client().await?;
-        let (person, pin, family, used) = (
-            deadline(client.prepare_cached(PERSON_SELECT)).await?,
-            deadline(client.prepare_cached("SELECT phc, failed_count FROM pins WHERE psn_no = $1")).await?,
-            deadline(client.prepare_cached(USABLE_SOURCES)).await?,
-            deadline(client.prepare_cached(NO_PIN_USED)).await?,
-        );
-        // Four reads pipelined on one connection: one round trip's worth of latency.
-        let by_person: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&psn_no];
-        let by_person_and_day: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&psn_no, &today];
-        let (person, pin, family, used) = deadline(async {
-            tokio::try_join!(
-                client.query_opt(&person, &by_person),
-                client.query_opt(&pin, &by_person),
-                client.query(&family, &by_person),
-                client.query_one(&used, &by_person_and_day),
-            )
-        })
-        .await?;
-        let Some(person) = person else {
+        // One statement, one round trip, one plan: every payment asks this.
+        let row = self.query_opt(PAYER_CONTEXT, &[&psn_no, &today]).await?;
+        let Some(row) = row else {
             return Ok(None);
         };
+        let owners: Vec<String> = row.get::<_, Option<Vec<String>>>(17).unwrap_or_default();
+        let relations: Vec<String> = row.get::<_, Option<Vec<String>>>(18).unwrap_or_default();
+        let effective: Vec<NaiveDate> = row.get::<_, Option<Vec<NaiveDate>>>(19).unwrap_or_default();
+        let accounts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(20).unwrap_or_default();
+        let statuses: Vec<String> = row.get::<_, Option<Vec<String>>>(21).unwrap_or_default();
+        let balances: Vec<Decimal> = row.get::<_, Option<Vec<Decimal>>>(22).unwrap_or_default();
+        let seqs: Vec<i64> = row.get::<_, Option<Vec<i64>>>(23).unwrap_or_default();
+        let count = owners.len();
+        if [relations.len(), effective.len(), accounts.len(), statuses.len(), balances.len(), seqs.len()]
+            .iter()
+            .any(|&len| len != count)
+        {
+            return Err(corrupt("family sources"));
+        }
+        let family = (0..count)
+            .map(|i| {
+                Ok(FamilySource {
+                    owner_psn_no: owners[i].clone(),
+                    relation: parse(&relations[i], Relation::parse)?,
+                    effective_from: effective[i],
+                    account: AccountRecord {
+                        id: accounts[i],
+                        status: parse(&statuses[i], AccountStatus::parse)?,
+                        balance: money(balances[i])?,
+                        seq: seqs[i],
+                    },
+                })
+            })
+            .collect::<LedgerResult<Vec<_>>>()?;
+        let pin_phc: Option<String> = row.get(14);
+        let pin_failures: Option<i32> = row.get(15);
         Ok(Some(PayerContext {
-            person: person_from_row(&person)?,
-            family: family.iter().map(family_source).collect::<LedgerResult<_>>()?,
-            pin_phc: pin.as_ref().map(|row| row.get(0)),
-            pin_failures: pin.as_ref().map(|row| row.get::<_, i32>(1) as u32).unwrap_or(0),
-            no_pin_used_today: money(used.get(0))?,
+            person: person_from_row(&row)?,
+            family,
+            pin_phc,
+            pin_failures: pin_failures.unwrap_or(0) as u32,
+            no_pin_used_today: money(row.get(16))?,
         }))
     }
 
