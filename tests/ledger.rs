@@ -8,6 +8,7 @@ on_both_backends!(
     a_batch_drawing_one_account_several_times_posts_each_running_balance,
     the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
+    reading_the_cache_installs_only_a_newer_ledger_balance,
 );
 
 use common::*;
@@ -245,4 +246,31 @@ async fn the_sweepers_verdict_is_final(backend: Backend) {
     assert!(ledger.resolve_hold("S-done").await.unwrap());
     assert!(ledger.resolve_hold("S-done").await.unwrap(), "the verdict does not change");
     assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, yuan("9.00"));
+}
+
+/// Planning installs the balance it read from the ledger in the same cache call that reads the
+/// cache: a missing account is loaded, an older cached state catches up, a newer one stays, and
+/// open holds always count.
+async fn reading_the_cache_installs_only_a_newer_ledger_balance(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let cache = &gw.app.gateway.cache;
+    let id = 900_001;
+    assert_eq!(cache.get(id).await.unwrap(), None);
+    let loaded = cache.load_and_get(id, yuan("50.00"), 3).await.unwrap();
+    assert_eq!((loaded.balance, loaded.held, loaded.seq), (yuan("50.00"), Money::ZERO, 3));
+    assert_eq!(cache.reserve(id, "h1", yuan("20.00"), 60_000).await.unwrap(), Reserve::Held(yuan("20.00")));
+
+    let kept = cache.load_and_get(id, yuan("999.00"), 2).await.unwrap();
+    assert_eq!((kept.balance, kept.held, kept.seq, kept.available()), (yuan("50.00"), yuan("20.00"), 3, yuan("30.00")));
+    let same = cache.load_and_get(id, yuan("999.00"), 3).await.unwrap();
+    assert_eq!((same.balance, same.seq), (yuan("50.00"), 3), "an equal sequence is not newer");
+
+    // A commit the cache never heard of: the newer balance replaces the old one while the hold
+    // stays until it is finished, so the money is understated for a moment, never overstated.
+    let newer = cache.load_and_get(id, yuan("30.00"), 4).await.unwrap();
+    assert_eq!(
+        (newer.balance, newer.held, newer.seq, newer.available()),
+        (yuan("30.00"), yuan("20.00"), 4, yuan("10.00"))
+    );
+    assert_eq!(cache.get(id).await.unwrap(), Some(newer));
 }

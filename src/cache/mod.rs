@@ -61,6 +61,14 @@ pub trait BalanceCache: Send + Sync + 'static {
     async fn get(&self, account_id: AccountId) -> CacheResult<Option<CachedBalance>>;
     /// Installs a ledger balance unless the cache already has one as new or newer.
     async fn load(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<()>;
+    /// `load`, then `get`: what the cache holds once a balance read from the ledger is installed
+    /// (unless the cache has one as new or newer). A cache across the network does it in one trip.
+    async fn load_and_get(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<CachedBalance> {
+        self.load(account_id, balance, seq).await?;
+        self.get(account_id)
+            .await?
+            .ok_or_else(|| CacheUnavailable("the cache lost an account it had just loaded".into()))
+    }
     /// Holds up to `want` of what is available, under `hold_id`, for `lease_ms`.
     async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve>;
     /// The ledger committed the debit: drop the hold and take the ledger's balance if newer (or

@@ -189,6 +189,19 @@ impl BalanceCache for RedisCache {
         Ok(())
     }
 
+    async fn load_and_get(&self, account_id: AccountId, balance: Money, seq: i64) -> CacheResult<CachedBalance> {
+        let mut conn = self.connection.clone();
+        let mut invocation = self.scripts.get.key(self.account_key(account_id));
+        invocation.key(self.holds_key(account_id)).arg(balance.to_fen()).arg(seq);
+        let values: Vec<i64> = deadline(invocation.invoke_async(&mut conn)).await?;
+        match values.as_slice() {
+            [balance, seq, held] => {
+                Ok(CachedBalance { balance: Money::from_fen(*balance), held: Money::from_fen(*held), seq: *seq })
+            }
+            _ => Err(CacheUnavailable("the cache lost an account it had just loaded".into())),
+        }
+    }
+
     async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
         let mut conn = self.connection.clone();
         // Index first: a hold that exists is always findable by the sweeper.

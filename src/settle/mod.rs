@@ -316,21 +316,13 @@ fn sources(
     Ok(sources)
 }
 
-/// What each source has available now, loading the cache from the ledger read on a miss.
+/// What each source has available now. The ledger's balance read with the payer's context is
+/// installed on the way (a miss loads the account; a cache behind the ledger catches up), in one
+/// cache call per account whether the account was cached or not.
 async fn available(gateway: &Gateway, sources: &[Source]) -> Outcome<Vec<Money>> {
     let mut available = Vec::with_capacity(sources.len());
     for source in sources {
-        let cached = match gateway.cache.get(source.account.id).await? {
-            Some(cached) => cached,
-            None => {
-                gateway.cache.load(source.account.id, source.account.balance, source.account.seq).await?;
-                gateway
-                    .cache
-                    .get(source.account.id)
-                    .await?
-                    .ok_or_else(|| Failure::new(Reason::BackendUnavailable, "balance cache lost a load"))?
-            }
-        };
+        let cached = gateway.cache.load_and_get(source.account.id, source.account.balance, source.account.seq).await?;
         available.push(cached.available());
     }
     Ok(available)
