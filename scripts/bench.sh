@@ -49,8 +49,10 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --m
 pg_port=$(free_port)
 mkdir -p "$work/pg" && [ "$(id -u)" != 0 ] || chown postgres "$work/pg"
 as_pg "$pg_bin/initdb" -D "$work/pg/data" -A trust -U postgres --no-sync >/dev/null
+# The settings we ship for production (checkpoints 15 min apart, 4 GB of WAL between them, …).
+echo "include '$PWD/deploy/postgresql.conf'" >>"$work/pg/data/postgresql.conf"
 as_pg "$pg_bin/postgres" -D "$work/pg/data" -p "$pg_port" -k "$work/pg/data" -c listen_addresses=127.0.0.1 \
-  -c fsync=on -c synchronous_commit=on -c shared_buffers=512MB -c max_connections=200 >"$work/pg.log" 2>&1 & pids+=($!)
+  -c fsync=on -c synchronous_commit=on -c shared_buffers="${PG_SHARED_BUFFERS:-512MB}" -c max_connections=200 >"$work/pg.log" 2>&1 & pids+=($!)
 until "$pg_bin/pg_isready" -h 127.0.0.1 -p "$pg_port" >/dev/null 2>&1; do sleep 0.2; done
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.2; done
 pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
