@@ -5,6 +5,7 @@
 use super::money::Money;
 use super::types::{Category, Channel, InstitutionKind, PersonCategory, Relation};
 use chrono::NaiveDate;
+use rust_decimal::Decimal;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -21,9 +22,93 @@ struct PolicyFile {
     no_pin: NoPinFile,
     channels: ChannelsFile,
     institution_kinds: BTreeMap<String, KindFile>,
-    // Crediting and interest rules belong to the money-in issue; kept as data until then.
-    crediting: Option<toml::Table>,
-    interest: Option<toml::Table>,
+    crediting: CreditingFile,
+    interest: InterestFile,
+}
+
+/// Monthly crediting (DESIGN §1 "Money coming in"). Each region sets the keys its seed gives; a
+/// key no region uses is refused like any unknown key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditingFile {
+    employee_percent_of_base: String,
+    retiree_monthly: Option<String>,
+    retiree_monthly_under_70: Option<String>,
+    retiree_monthly_from_70: Option<String>,
+    mutual_aid_monthly: Option<String>,
+    retiree_percent_of_average_pension: Option<String>,
+    retiree_average_pension_2021: Option<String>,
+    credit_by_day_of_month: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterestFile {
+    method: InterestMethod,
+    rate_kind: RateKind,
+    settlement: InterestSettlement,
+    rates: Vec<RateFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    effective_from: String,
+    annual_rate_percent: String,
+}
+
+/// How interest is computed: Σ daily closing balances × annual rate ÷ 360, half-up to the fen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterestMethod {
+    DailyProduct,
+}
+
+/// Which bank rate applies: 活期 (000 §7) or 三个月整存整取 (001 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateKind {
+    CurrentDeposit,
+    #[serde(rename = "fixed_3_month")]
+    Fixed3Month,
+}
+
+/// When interest is paid: 按季 (000 §7) or on 31 December (001 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterestSettlement {
+    Quarterly,
+    Yearly,
+}
+
+/// The region's crediting rules, validated: amounts are [`Money`], percentages are decimals in
+/// 0..=100. `None` is a rule the region's seed does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crediting {
+    pub employee_percent_of_base: Decimal,
+    pub retiree_monthly: Option<Money>,
+    pub retiree_monthly_under_70: Option<Money>,
+    pub retiree_monthly_from_70: Option<Money>,
+    pub mutual_aid_monthly: Option<Money>,
+    pub retiree_percent_of_average_pension: Option<Decimal>,
+    pub retiree_average_pension_2021: Option<Money>,
+    pub credit_by_day_of_month: Option<u32>,
+}
+
+/// One row of the dated rate table: in force from `effective_from` until the next row's date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterestRate {
+    pub effective_from: NaiveDate,
+    pub annual_rate_percent: Decimal,
+}
+
+/// The region's interest rules, validated; `rates` in date order, no two periods overlapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interest {
+    pub method: InterestMethod,
+    pub rate_kind: RateKind,
+    pub settlement: InterestSettlement,
+    pub rates: Vec<InterestRate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,8 +194,8 @@ pub struct RegionPolicy {
     /// Registration payments above this need the PIN (or a tier that covers them).
     pub registration_cap: Money,
     pub kinds: HashMap<InstitutionKind, KindRules>,
-    pub crediting: toml::Table,
-    pub interest: toml::Table,
+    pub crediting: Crediting,
+    pub interest: Interest,
 }
 
 impl RegionPolicy {
@@ -216,7 +301,10 @@ impl RegionPolicy {
         let family_start_date = NaiveDate::parse_from_str(&file.family.start_date, "%Y-%m-%d")
             .map_err(|_| format!("key `family.start_date`: {:?} is not a date YYYY-MM-DD", file.family.start_date))?;
         if file.pin.length != 6 {
-            return Err(format!("key `pin.length`: {} (payment PINs are 6 digits, 000 §12)", file.pin.length));
+            return Err(format!(
+                "key `pin.length`: {} (payment PINs are 6 digits, DESIGN §1 Paying 3; the seeds give no length)",
+                file.pin.length
+            ));
         }
         if file.pin.lockout_failures == 0 {
             return Err("key `pin.lockout_failures`: must be at least 1".into());
@@ -242,6 +330,8 @@ impl RegionPolicy {
             no_pin_tiers.push(NoPinTier { name: tier.name.clone(), per_payment_max, daily_max });
         }
         let registration_cap = money("channels.registration_cap", &file.channels.registration_cap)?;
+        let crediting = Crediting::parse(&file.crediting)?;
+        let interest = Interest::parse(&file.interest)?;
         let mut kinds = HashMap::new();
         for (name, rules) in file.institution_kinds {
             let kind = InstitutionKind::parse(&name)
@@ -261,9 +351,82 @@ impl RegionPolicy {
             pin_exempt_channels: file.channels.pin_exempt,
             registration_cap,
             kinds,
-            crediting: file.crediting.unwrap_or_default(),
-            interest: file.interest.unwrap_or_default(),
+            crediting,
+            interest,
         })
+    }
+}
+
+/// A percentage written as a decimal string, within 0..=100.
+fn percent(key: &str, text: &str) -> Result<Decimal, String> {
+    let value: Decimal = text.parse().map_err(|_| format!("key `{key}`: {text:?} is not a decimal number"))?;
+    if value.is_sign_negative() && !value.is_zero() {
+        return Err(format!("key `{key}`: {text:?} is negative"));
+    }
+    if value > Decimal::ONE_HUNDRED {
+        return Err(format!("key `{key}`: {text:?} is above 100"));
+    }
+    Ok(value)
+}
+
+fn optional_money(key: &str, text: &Option<String>) -> Result<Option<Money>, String> {
+    text.as_deref().map(|text| Money::parse(text).map_err(|e| format!("key `{key}`: {text:?} {e}"))).transpose()
+}
+
+impl Crediting {
+    fn parse(file: &CreditingFile) -> Result<Crediting, String> {
+        let day = file.credit_by_day_of_month;
+        if let Some(day) = day.filter(|day| !(1..=28).contains(day)) {
+            return Err(format!("key `crediting.credit_by_day_of_month`: {day} is not a day 1..=28"));
+        }
+        Ok(Crediting {
+            employee_percent_of_base: percent("crediting.employee_percent_of_base", &file.employee_percent_of_base)?,
+            retiree_monthly: optional_money("crediting.retiree_monthly", &file.retiree_monthly)?,
+            retiree_monthly_under_70: optional_money(
+                "crediting.retiree_monthly_under_70",
+                &file.retiree_monthly_under_70,
+            )?,
+            retiree_monthly_from_70: optional_money(
+                "crediting.retiree_monthly_from_70",
+                &file.retiree_monthly_from_70,
+            )?,
+            mutual_aid_monthly: optional_money("crediting.mutual_aid_monthly", &file.mutual_aid_monthly)?,
+            retiree_percent_of_average_pension: file
+                .retiree_percent_of_average_pension
+                .as_deref()
+                .map(|text| percent("crediting.retiree_percent_of_average_pension", text))
+                .transpose()?,
+            retiree_average_pension_2021: optional_money(
+                "crediting.retiree_average_pension_2021",
+                &file.retiree_average_pension_2021,
+            )?,
+            credit_by_day_of_month: day,
+        })
+    }
+}
+
+impl Interest {
+    fn parse(file: &InterestFile) -> Result<Interest, String> {
+        if file.rates.is_empty() {
+            return Err("key `interest.rates`: at least one rate is needed".into());
+        }
+        let mut rates: Vec<InterestRate> = Vec::with_capacity(file.rates.len());
+        for (i, rate) in file.rates.iter().enumerate() {
+            let key = format!("interest.rates[{i}]");
+            let effective_from = NaiveDate::parse_from_str(&rate.effective_from, "%Y-%m-%d").map_err(|_| {
+                format!("key `{key}.effective_from`: {:?} is not a date YYYY-MM-DD", rate.effective_from)
+            })?;
+            if let Some(previous) = rates.last().filter(|previous| previous.effective_from >= effective_from) {
+                return Err(format!(
+                    "key `{key}.effective_from`: {effective_from} overlaps the period in force from {} \
+                     (list the rates in date order, one per start date)",
+                    previous.effective_from
+                ));
+            }
+            let annual_rate_percent = percent(&format!("{key}.annual_rate_percent"), &rate.annual_rate_percent)?;
+            rates.push(InterestRate { effective_from, annual_rate_percent });
+        }
+        Ok(Interest { method: file.method, rate_kind: file.rate_kind, settlement: file.settlement, rates })
     }
 }
 
@@ -296,6 +459,54 @@ mod tests {
             include_str!("../../config/policy/beijing.toml").replace("registration_cap = \"", "registration_cap = \"-");
         let error = RegionPolicy::parse(&text).unwrap_err();
         assert!(error.contains("channels.registration_cap"), "{error}");
+    }
+
+    #[test]
+    fn crediting_and_interest_are_typed() {
+        let policies = Policies::builtin();
+        let beijing = policies.region("110000").unwrap();
+        assert_eq!(beijing.crediting.employee_percent_of_base, Decimal::from(2));
+        assert_eq!(beijing.crediting.retiree_monthly_from_70, Some(Money::parse("110.00").unwrap()));
+        assert_eq!(beijing.interest.settlement, InterestSettlement::Quarterly);
+        let jilin = policies.region("220000").unwrap();
+        assert_eq!(jilin.interest.rate_kind, RateKind::Fixed3Month);
+        assert_eq!(jilin.interest.rates[0].annual_rate_percent, "1.10".parse::<Decimal>().unwrap());
+        assert_eq!(policies.region("430000").unwrap().crediting.retiree_monthly, Some(Money::parse("75.00").unwrap()));
+    }
+
+    #[test]
+    fn a_wrong_crediting_or_interest_key_is_named() {
+        let beijing = include_str!("../../config/policy/beijing.toml");
+        let cases = [
+            (beijing.replace("employee_percent_of_base", "employe_percent_of_base"), "employe_percent_of_base"),
+            (
+                beijing.replace("annual_rate_percent = \"0.35\"", "annual_rate_percent = \"-0.35\""),
+                "interest.rates[0].annual_rate_percent",
+            ),
+            (
+                beijing.replace("mutual_aid_monthly = \"3.00\"", "mutual_aid_monthly = \"-3\""),
+                "crediting.mutual_aid_monthly",
+            ),
+            (beijing.replace("settlement = \"quarterly\"", "settlement = \"monthly\""), "monthly"),
+            (beijing.replace("[interest]", "[interest]\nrate = \"1\""), "rate"),
+            (
+                beijing.replace(
+                    "rates = [{ effective_from = \"2015-10-24\", annual_rate_percent = \"0.35\" }]",
+                    "rates = [{ effective_from = \"2015-10-24\", annual_rate_percent = \"0.35\" },\n\
+                     { effective_from = \"2015-10-24\", annual_rate_percent = \"0.30\" }]",
+                ),
+                "interest.rates[1].effective_from",
+            ),
+            (
+                beijing.replace("credit_by_day_of_month = 5", "credit_by_day_of_month = 31"),
+                "crediting.credit_by_day_of_month",
+            ),
+        ];
+        for (text, key) in cases {
+            assert_ne!(text, beijing, "the case for {key} changed nothing");
+            let error = RegionPolicy::parse(&text).unwrap_err();
+            assert!(error.contains(key), "{key}: {error}");
+        }
     }
 
     #[test]
