@@ -294,7 +294,6 @@ impl RegionPolicy {
     /// Parses and validates one file's text; the error names the key at fault.
     pub fn parse(text: &str) -> Result<RegionPolicy, String> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
-        let money = |key: &str, text: &str| Money::parse(text).map_err(|e| format!("key `{key}`: {text:?} {e}"));
         if !super::types::is_region_code(&file.region) {
             return Err(format!("key `region`: {:?} is not a 6-digit region code", file.region));
         }
@@ -369,8 +368,13 @@ fn percent(key: &str, text: &str) -> Result<Decimal, String> {
     Ok(value)
 }
 
+/// An amount written as a yuan string; the error names the key.
+fn money(key: &str, text: &str) -> Result<Money, String> {
+    Money::parse(text).map_err(|e| format!("key `{key}`: {text:?} {e}"))
+}
+
 fn optional_money(key: &str, text: &Option<String>) -> Result<Option<Money>, String> {
-    text.as_deref().map(|text| Money::parse(text).map_err(|e| format!("key `{key}`: {text:?} {e}"))).transpose()
+    text.as_deref().map(|text| money(key, text)).transpose()
 }
 
 impl Crediting {
@@ -478,7 +482,10 @@ mod tests {
     fn a_wrong_crediting_or_interest_key_is_named() {
         let beijing = include_str!("../../config/policy/beijing.toml");
         let cases = [
-            (beijing.replace("employee_percent_of_base", "employe_percent_of_base"), "employe_percent_of_base"),
+            (
+                beijing.replace("employee_percent_of_base", "employe_percent_of_base"),
+                "unknown field `employe_percent_of_base`",
+            ),
             (
                 beijing.replace("annual_rate_percent = \"0.35\"", "annual_rate_percent = \"-0.35\""),
                 "interest.rates[0].annual_rate_percent",
@@ -487,8 +494,8 @@ mod tests {
                 beijing.replace("mutual_aid_monthly = \"3.00\"", "mutual_aid_monthly = \"-3\""),
                 "crediting.mutual_aid_monthly",
             ),
-            (beijing.replace("settlement = \"quarterly\"", "settlement = \"monthly\""), "monthly"),
-            (beijing.replace("[interest]", "[interest]\nrate = \"1\""), "rate"),
+            (beijing.replace("settlement = \"quarterly\"", "settlement = \"monthly\""), "unknown variant `monthly`"),
+            (beijing.replace("[interest]", "[interest]\nrate = \"1\""), "unknown field `rate`"),
             (
                 beijing.replace(
                     "rates = [{ effective_from = \"2015-10-24\", annual_rate_percent = \"0.35\" }]",
