@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod crediting;
 pub mod demo;
 pub mod domain;
 pub mod error;

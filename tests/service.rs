@@ -80,8 +80,8 @@ fn reflection_lists_the_services_in_v1_and_v1alpha() {
 fn methods_of_later_issues_answer_unimplemented() {
     run(async {
         let gw = TestGateway::start().await;
-        let request = pb::RunMonthlyCreditRequest { region: BEIJING.into(), period: "2026-10".into() };
-        let status = gw.admin().run_monthly_credit(auth(request, OPERATOR_KEY)).await.unwrap_err();
+        let request = pb::AccrueInterestRequest { region: BEIJING.into(), as_of: "2026-09-30".into() };
+        let status = gw.admin().accrue_interest(auth(request, OPERATOR_KEY)).await.unwrap_err();
         assert_eq!(status.code(), Code::Unimplemented);
     });
 }

@@ -1,6 +1,7 @@
 //! Pure domain types and rules: money, the vocabulary, regional policy and the deduction plan.
 //! No I/O, no tokio, no gRPC.
 
+pub mod credit;
 pub mod family;
 pub mod money;
 pub mod plan;

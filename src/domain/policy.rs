@@ -2,6 +2,7 @@
 //! with unknown keys refused, then validated into a [`RegionPolicy`] whose amounts are [`Money`]
 //! and whose dates are dates. A wrong file stops the gateway at start with the file and key named.
 
+use super::credit::Period;
 use super::money::Money;
 use super::types::{Category, Channel, InstitutionKind, PersonCategory, Relation};
 use chrono::NaiveDate;
@@ -38,7 +39,20 @@ struct CreditingFile {
     mutual_aid_monthly: Option<String>,
     retiree_percent_of_average_pension: Option<String>,
     retiree_average_pension_2021: Option<String>,
+    #[serde(default)]
+    retiree_seventy_from: Seventy,
+    rules_from: Option<String>,
     credit_by_day_of_month: Option<u32>,
+}
+
+/// From which month a retiree counts as 70 for the higher Beijing amount (000 §3 says only
+/// "70周岁(含)以上"): the month of the 70th birthday (the default), or the month after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seventy {
+    #[default]
+    BirthdayMonth,
+    MonthAfterBirthday,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +106,10 @@ pub struct Crediting {
     pub mutual_aid_monthly: Option<Money>,
     pub retiree_percent_of_average_pension: Option<Decimal>,
     pub retiree_average_pension_2021: Option<Money>,
+    pub retiree_seventy_from: Seventy,
+    /// The first month these rules credit; a back payment for an earlier month is skipped
+    /// (its rules are not in the file). `None`: every month.
+    pub rules_from: Option<Period>,
     pub credit_by_day_of_month: Option<u32>,
 }
 
@@ -404,6 +422,15 @@ impl Crediting {
                 "crediting.retiree_average_pension_2021",
                 &file.retiree_average_pension_2021,
             )?,
+            retiree_seventy_from: file.retiree_seventy_from,
+            rules_from: file
+                .rules_from
+                .as_deref()
+                .map(|text| {
+                    Period::parse(text)
+                        .ok_or_else(|| format!("key `crediting.rules_from`: {text:?} is not a month YYYY-MM"))
+                })
+                .transpose()?,
             credit_by_day_of_month: day,
         })
     }

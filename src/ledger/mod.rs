@@ -15,6 +15,8 @@ pub mod sqlite;
 
 pub use records::*;
 
+use crate::domain::credit::{Contribution, Period};
+use crate::domain::policy::InterestRate;
 use crate::domain::{AccountStatus, CardStatus, Money, Relation};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -105,6 +107,36 @@ pub trait Ledger: Send + Sync + 'static {
         chunk: ImportChunk<FamilyImport>,
         check: FamilyCheck,
     ) -> LedgerResult<Vec<ImportVerdict>>;
+    // --- money coming in ---
+    /// Records (or replaces) a month's contribution. `false` when the person is unknown.
+    async fn record_contribution(
+        &self,
+        psn_no: &str,
+        contribution: Contribution,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<bool>;
+    /// People of `region` with an account, in `psn_no` order after `after`, at most `limit`, with
+    /// what a crediting run for `period` needs to know of each.
+    async fn credit_candidates(
+        &self,
+        region: &str,
+        period: Period,
+        after: &str,
+        limit: usize,
+    ) -> LedgerResult<Vec<CreditCandidate>>;
+    /// Applies a crediting batch in one transaction: each line against its counterpart system
+    /// account, one ledger transaction per (month, kind, counterpart).
+    async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied>;
+    /// Operator-entered interest rates of a region (`SetInterestRate`), in date order.
+    async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>>;
+    /// Stores a rate unless one is stored for that date already; then returns the stored one.
+    async fn insert_interest_rate(
+        &self,
+        region: &str,
+        rate: InterestRate,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<Result<(), InterestRate>>;
+
     /// After an import: refresh the query planner's statistics, so the first payments on millions of
     /// new rows do not run on plans made for an empty table.
     async fn import_finished(&self) -> LedgerResult<()> {

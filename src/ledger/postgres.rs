@@ -6,7 +6,9 @@
 //! call has a deadline; a failure to reach the database is `LedgerUnavailable`.
 
 use super::*;
+use crate::domain::credit::{Contribution, Period, Subject};
 use crate::domain::family::Party;
+use crate::domain::policy::InterestRate;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
     Relation, Role, SettlementStatus, TxnKind,
@@ -869,6 +871,162 @@ impl Ledger for PostgresLedger {
         }
         deadline(tx.commit()).await?;
         Ok(true)
+    }
+
+    async fn record_contribution(
+        &self,
+        psn_no: &str,
+        contribution: Contribution,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<bool> {
+        let changed = self
+            .execute(
+                "INSERT INTO contributions (psn_no, period, base, paid, category, recorded_at)
+                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM persons WHERE psn_no = $1)
+                 ON CONFLICT (psn_no, period) DO UPDATE SET base = excluded.base, paid = excluded.paid,
+                     category = excluded.category, recorded_at = excluded.recorded_at",
+                &[
+                    &psn_no,
+                    &contribution.period.to_string(),
+                    &contribution.base.as_decimal(),
+                    &contribution.paid,
+                    &contribution.category.name(),
+                    &at,
+                ],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn credit_candidates(
+        &self,
+        region: &str,
+        period: Period,
+        after: &str,
+        limit: usize,
+    ) -> LedgerResult<Vec<CreditCandidate>> {
+        let rows = self
+            .query(
+                "SELECT p.psn_no, p.birth_date, p.category, p.status, a.account_id, a.status,
+                        EXISTS (SELECT 1 FROM credits c WHERE c.account_id = a.account_id AND c.period = $2
+                                AND c.kind = 'MONTHLY_CREDIT'),
+                        (SELECT string_agg(k.period || ',' || (k.base * 100)::BIGINT || ',' || k.paid::INT || ','
+                                           || k.category, ';')
+                           FROM contributions k
+                          WHERE k.psn_no = p.psn_no AND k.period <= $2 AND (k.paid OR k.period = $2)
+                            AND NOT EXISTS (SELECT 1 FROM credits c WHERE c.account_id = a.account_id
+                                            AND c.period = k.period AND c.kind = 'MONTHLY_CREDIT'))
+                   FROM persons p JOIN accounts a ON a.psn_no = p.psn_no
+                  WHERE p.region = $1 AND p.psn_no > $3
+                  ORDER BY p.psn_no LIMIT $4",
+                &[&region, &period.to_string(), &after, &(limit as i64)],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let text: Option<String> = row.get(7);
+                Ok(CreditCandidate {
+                    psn_no: row.get(0),
+                    account_id: row.get(4),
+                    subject: Subject {
+                        birth_date: row.get(1),
+                        category: parse(row.get(2), PersonCategory::parse)?,
+                        status: parse(row.get(3), InsuranceStatus::parse)?,
+                        account_status: parse(row.get(5), AccountStatus::parse)?,
+                    },
+                    period_done: row.get(6),
+                    contributions: parse_contributions(text.as_deref().unwrap_or(""))
+                        .ok_or_else(|| corrupt("contributions"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied> {
+        let count = batch.postings.len();
+        let lines = Value::Array(
+            batch
+                .postings
+                .iter()
+                .map(|p| {
+                    json!({
+                        "account_id": p.account_id,
+                        "period": p.period.to_string(),
+                        "kind": p.line.kind.name(),
+                        "delta": p.line.delta().to_string(),
+                        "counterpart": p.line.counterpart.name(),
+                    })
+                })
+                .collect(),
+        );
+        let client = self.client().await?;
+        let statement = deadline(client.prepare_cached("SELECT yibao_credit($1::jsonb, $2, $3, $4)")).await?;
+        let row =
+            import_deadline(client.query_one(&statement, &[&lines, &batch.reference, &batch.business_date, &batch.at]))
+                .await?;
+        let answer: Value = row.get(0);
+        let applied: Vec<bool> = answer["applied"]
+            .as_array()
+            .ok_or_else(|| corrupt("credit answer"))?
+            .iter()
+            .map(|v| v.as_bool().ok_or_else(|| corrupt("credit answer")))
+            .collect::<LedgerResult<_>>()?;
+        if applied.len() != count {
+            return Err(corrupt("one verdict per credit line"));
+        }
+        let (accounts, balances, seqs) = (&answer["accounts"], &answer["balances"], &answer["seqs"]);
+        let accounts = accounts.as_array().ok_or_else(|| corrupt("credit answer"))?;
+        let mut changes = Vec::with_capacity(accounts.len());
+        for (i, account) in accounts.iter().enumerate() {
+            changes.push(BalanceChange {
+                account_id: account.as_i64().ok_or_else(|| corrupt("credit answer"))?,
+                balance_after: balances[i]
+                    .as_str()
+                    .and_then(Money::from_ledger_text)
+                    .ok_or_else(|| corrupt("credit answer"))?,
+                seq: seqs[i].as_i64().ok_or_else(|| corrupt("credit answer"))?,
+            });
+        }
+        Ok(CreditsApplied { applied, changes: last_changes(changes) })
+    }
+
+    async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>> {
+        let rows = self
+            .query(
+                "SELECT effective_from, annual_rate_percent FROM interest_rates WHERE region = $1 ORDER BY effective_from",
+                &[&region],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| InterestRate {
+                effective_from: row.get(0),
+                annual_rate_percent: row.get::<_, Decimal>(1).normalize(),
+            })
+            .collect())
+    }
+
+    async fn insert_interest_rate(
+        &self,
+        region: &str,
+        rate: InterestRate,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<Result<(), InterestRate>> {
+        let row = self
+            .query_opt(
+                "WITH ins AS (INSERT INTO interest_rates (region, effective_from, annual_rate_percent, entered_at)
+                              VALUES ($1, $2, $3, $4) ON CONFLICT (region, effective_from) DO NOTHING RETURNING 1)
+                 SELECT EXISTS (SELECT 1 FROM ins),
+                        (SELECT annual_rate_percent FROM interest_rates WHERE region = $1 AND effective_from = $2)",
+                &[&region, &rate.effective_from, &rate.annual_rate_percent, &at],
+            )
+            .await?
+            .ok_or_else(|| corrupt("interest rate answer"))?;
+        if row.get::<_, bool>(0) {
+            return Ok(Ok(()));
+        }
+        let stored: Decimal = row.get(1);
+        Ok(Err(InterestRate { effective_from: rate.effective_from, annual_rate_percent: stored.normalize() }))
     }
 
     async fn import_people(&self, chunk: ImportChunk<PersonImport>) -> LedgerResult<Vec<ImportVerdict>> {

@@ -1,5 +1,6 @@
 //! Plain records the ledger reads and writes. No behaviour beyond small helpers.
 
+use crate::domain::credit::{Contribution, CreditLine, Period, Subject};
 use crate::domain::family::Party;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
@@ -569,4 +570,84 @@ pub enum ImportVerdict {
     AlreadyThere,
     /// Nothing of the row was applied.
     Refused(String),
+}
+
+// ---- money coming in (monthly crediting) ---------------------------------------------------------
+
+/// A person's account as a crediting run sees it, with the months it may owe them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditCandidate {
+    pub psn_no: String,
+    pub account_id: AccountId,
+    pub subject: Subject,
+    /// The run's month is credited already (its MONTHLY_CREDIT is in the ledger).
+    pub period_done: bool,
+    /// Recorded contributions not yet credited: the run's month whatever its state, and earlier
+    /// months only when paid (back payments), oldest first.
+    pub contributions: Vec<Contribution>,
+}
+
+/// One line of a month's credit on one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditPosting {
+    pub account_id: AccountId,
+    pub psn_no: String,
+    pub period: Period,
+    pub line: CreditLine,
+}
+
+/// Lines committed in one transaction; each (account, month, kind) at most once, ever.
+#[derive(Debug, Clone)]
+pub struct CreditBatch {
+    pub postings: Vec<CreditPosting>,
+    /// The run, in the ledger transactions' `ref`.
+    pub reference: String,
+    pub business_date: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+/// What became of a [`CreditBatch`]: per posting, whether it was applied now (false: that
+/// account-month-kind was credited before, or the account was closed meanwhile), and each changed
+/// account's balance after the batch.
+#[derive(Debug, Clone, Default)]
+pub struct CreditsApplied {
+    pub applied: Vec<bool>,
+    pub changes: Vec<BalanceChange>,
+}
+
+/// Parses the ledgers' compact form of a candidate's contributions:
+/// `period,base_fen,paid(0|1),category` joined by `;`, sorted oldest first.
+pub fn parse_contributions(text: &str) -> Option<Vec<Contribution>> {
+    let mut contributions = Vec::new();
+    for item in text.split(';').filter(|item| !item.is_empty()) {
+        let mut fields = item.split(',');
+        let period = Period::parse(fields.next()?)?;
+        let base = Money::from_fen(fields.next()?.parse().ok()?);
+        let paid = match fields.next()? {
+            "1" => true,
+            "0" => false,
+            _ => return None,
+        };
+        let category = PersonCategory::parse(fields.next()?)?;
+        contributions.push(Contribution { period, base, paid, category });
+    }
+    contributions.sort_by_key(|c| c.period);
+    Some(contributions)
+}
+
+/// Each account's last state among a batch's personal postings, in first-seen order.
+pub fn last_changes(changes: impl IntoIterator<Item = BalanceChange>) -> Vec<BalanceChange> {
+    let mut last: Vec<BalanceChange> = Vec::new();
+    let mut index: std::collections::HashMap<AccountId, usize> = std::collections::HashMap::new();
+    for change in changes {
+        match index.get(&change.account_id) {
+            Some(&i) if last[i].seq < change.seq => last[i] = change,
+            Some(_) => {}
+            None => {
+                index.insert(change.account_id, last.len());
+                last.push(change);
+            }
+        }
+    }
+    last
 }

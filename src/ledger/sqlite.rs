@@ -3,7 +3,9 @@
 //! connections; every call runs on tokio's blocking pool, never on the async workers.
 
 use super::*;
+use crate::domain::credit::{Contribution, Period, Subject};
 use crate::domain::family::Party;
+use crate::domain::policy::InterestRate;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
     Relation, Role, SettlementStatus, SystemAccount, TxnKind,
@@ -1329,6 +1331,125 @@ impl Ledger for SqliteLedger {
         .await
     }
 
+    async fn record_contribution(
+        &self,
+        psn_no: &str,
+        contribution: Contribution,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<bool> {
+        let psn_no = psn_no.to_string();
+        self.write(move |conn, _| {
+            let changed = conn.execute(
+                "INSERT INTO contributions (psn_no, period, base_fen, paid, category, recorded_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM persons WHERE psn_no = ?1)
+                 ON CONFLICT (psn_no, period) DO UPDATE SET base_fen = excluded.base_fen, paid = excluded.paid,
+                     category = excluded.category, recorded_at = excluded.recorded_at",
+                params![
+                    psn_no,
+                    contribution.period.to_string(),
+                    contribution.base.to_fen(),
+                    contribution.paid,
+                    contribution.category.name(),
+                    ts(at)
+                ],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn credit_candidates(
+        &self,
+        region: &str,
+        period: Period,
+        after: &str,
+        limit: usize,
+    ) -> LedgerResult<Vec<CreditCandidate>> {
+        let (region, after, period) = (region.to_string(), after.to_string(), period.to_string());
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT p.psn_no, p.birth_date, p.category, p.status, a.account_id, a.status,
+                        EXISTS (SELECT 1 FROM credits c WHERE c.account_id = a.account_id AND c.period = ?2
+                                AND c.kind = 'MONTHLY_CREDIT'),
+                        (SELECT group_concat(k.period || ',' || k.base_fen || ',' || k.paid || ',' || k.category, ';')
+                           FROM contributions k
+                          WHERE k.psn_no = p.psn_no AND k.period <= ?2 AND (k.paid = 1 OR k.period = ?2)
+                            AND NOT EXISTS (SELECT 1 FROM credits c WHERE c.account_id = a.account_id
+                                            AND c.period = k.period AND c.kind = 'MONTHLY_CREDIT'))
+                   FROM persons p JOIN accounts a ON a.psn_no = p.psn_no
+                  WHERE p.region = ?1 AND p.psn_no > ?3
+                  ORDER BY p.psn_no LIMIT ?4",
+            )?;
+            let rows = statement.query_map(params![region, period, after, limit as i64], |row| {
+                let text: Option<String> = row.get(7)?;
+                let text = text.unwrap_or_default();
+                Ok(CreditCandidate {
+                    psn_no: row.get(0)?,
+                    subject: Subject {
+                        birth_date: col_date(row, 1)?,
+                        category: col_enum(row, 2, PersonCategory::parse)?,
+                        status: col_enum(row, 3, InsuranceStatus::parse)?,
+                        account_status: col_enum(row, 5, AccountStatus::parse)?,
+                    },
+                    account_id: row.get(4)?,
+                    period_done: row.get(6)?,
+                    contributions: parse_contributions(&text).ok_or_else(|| bad_column(7, &text))?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied> {
+        self.write(move |conn, system| apply_credits_sync(conn, system, batch)).await
+    }
+
+    async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>> {
+        let region = region.to_string();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT effective_from, annual_rate_percent FROM interest_rates WHERE region = ?1 ORDER BY effective_from",
+            )?;
+            let rows = statement.query_map([region], |row| {
+                let text: String = row.get(1)?;
+                Ok(InterestRate {
+                    effective_from: col_date(row, 0)?,
+                    annual_rate_percent: text.parse().map_err(|_| bad_column(1, &text))?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn insert_interest_rate(
+        &self,
+        region: &str,
+        rate: InterestRate,
+        at: DateTime<Utc>,
+    ) -> LedgerResult<Result<(), InterestRate>> {
+        let region = region.to_string();
+        self.write(move |conn, _| {
+            let inserted = conn.execute(
+                "INSERT INTO interest_rates (region, effective_from, annual_rate_percent, entered_at)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (region, effective_from) DO NOTHING",
+                params![region, date(rate.effective_from), rate.annual_rate_percent.normalize().to_string(), ts(at)],
+            )?;
+            if inserted == 1 {
+                return Ok(Ok(()));
+            }
+            let text: String = conn.query_row(
+                "SELECT annual_rate_percent FROM interest_rates WHERE region = ?1 AND effective_from = ?2",
+                params![region, date(rate.effective_from)],
+                |row| row.get(0),
+            )?;
+            let stored = text.parse().map_err(|_| bad_column(0, &text))?;
+            Ok(Err(InterestRate { effective_from: rate.effective_from, annual_rate_percent: stored }))
+        })
+        .await
+    }
+
     async fn import_people(&self, chunk: ImportChunk<PersonImport>) -> LedgerResult<Vec<ImportVerdict>> {
         self.write(move |conn, system| import_people_sync(conn, system, chunk)).await
     }
@@ -1352,6 +1473,95 @@ fn insert_key(conn: &Connection, key: &NewApiKey) -> Sql<()> {
         params![key.key_hash, key.key_id, key.role.name(), key.institution_code, key.label, ts(key.at)],
     )?;
     Ok(())
+}
+
+// ---- money coming in -----------------------------------------------------------------------------
+
+/// One crediting batch in one transaction (see [`Ledger::apply_credits`]).
+fn apply_credits_sync(
+    conn: &mut Connection,
+    system: &HashMap<SystemAccount, AccountId>,
+    batch: CreditBatch,
+) -> Sql<CreditsApplied> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let business_date = date(batch.business_date);
+    let at = ts(batch.at);
+    let mut applied = Vec::with_capacity(batch.postings.len());
+    let mut changes = Vec::new();
+    // (month, kind, counterpart) → (txn, total of the personal deltas)
+    let mut groups: Vec<((Period, TxnKind, SystemAccount), i64, i64)> = Vec::new();
+    {
+        let mut done =
+            tx.prepare_cached("SELECT 1 FROM credits WHERE account_id = ?1 AND period = ?2 AND kind = ?3")?;
+        let mut update = tx.prepare_cached(
+            "UPDATE accounts SET balance_fen = balance_fen + ?1, seq = seq + 1
+              WHERE account_id = ?2 AND status <> 'CLOSED' AND balance_fen + ?1 >= 0
+             RETURNING balance_fen, seq",
+        )?;
+        let mut new_txn = tx.prepare_cached(
+            "INSERT INTO txns (kind, ref, at, business_date, value_date, memo) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+        )?;
+        let mut credit = tx.prepare_cached(
+            "INSERT INTO credits (account_id, period, kind, amount_fen, txn_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut posting = tx.prepare_cached(
+            "INSERT INTO postings (txn_id, account_id, amount_fen, balance_after_fen, seq, counterparty, business_date)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for line in &batch.postings {
+            let period = line.period.to_string();
+            let kind = line.line.kind;
+            if done.exists(params![line.account_id, period, kind.name()])? {
+                applied.push(false);
+                continue;
+            }
+            let delta = line.line.delta().to_fen();
+            let Some((balance, seq)) = update
+                .query_row(params![delta, line.account_id], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))
+                .optional()?
+            else {
+                applied.push(false);
+                continue;
+            };
+            let key = (line.period, kind, line.line.counterpart);
+            let txn_id = match groups.iter_mut().find(|group| group.0 == key) {
+                Some(group) => {
+                    group.2 += delta;
+                    group.1
+                }
+                None => {
+                    new_txn.execute(params![kind.name(), batch.reference, at, business_date, period])?;
+                    let txn_id = tx.last_insert_rowid();
+                    groups.push((key, txn_id, delta));
+                    txn_id
+                }
+            };
+            credit.execute(params![line.account_id, period, kind.name(), line.line.amount.to_fen(), txn_id])?;
+            posting.execute(params![
+                txn_id,
+                line.account_id,
+                delta,
+                balance,
+                seq,
+                line.line.counterpart.name(),
+                business_date
+            ])?;
+            applied.push(true);
+            changes.push(BalanceChange { account_id: line.account_id, balance_after: Money::from_fen(balance), seq });
+        }
+    }
+    {
+        let writer = Writer { tx: &tx, system };
+        for ((_, _, counterpart), txn_id, total) in &groups {
+            let other = writer.system_posting(*counterpart, Money::from_fen(-total), "", &batch.reference);
+            if writer.post(*txn_id, batch.business_date, &other)?.is_err() {
+                return Err(rusqlite::Error::InvalidQuery);
+            }
+            writer.close_txn(*txn_id)?;
+        }
+    }
+    tx.commit()?;
+    Ok(CreditsApplied { applied, changes: last_changes(changes) })
 }
 
 // ---- bulk import ---------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-//! AdminService: operator work. Money-in methods (crediting, interest, transfers, liquidation)
-//! belong to a later issue and answer UNIMPLEMENTED.
+//! AdminService: operator work. Interest accrual, transfers and liquidation are not built yet and
+//! answer UNIMPLEMENTED.
 
 use super::convert;
 use super::error::unimplemented;
 use super::pb::{self, admin_service_server::AdminService};
 use super::Services;
 use crate::admin::{self, AdjustCommand};
+use crate::crediting;
+use crate::domain::credit::Skip;
 use crate::domain::{AccountStatus, Role};
 use crate::error::Outcome;
+use crate::error::{Failure, Reason};
 use crate::ledger::{PersonRecord, PersonUpsert};
 use crate::pin::Secret;
 use tonic::{Request, Response, Status};
@@ -112,16 +115,61 @@ impl AdminService for Services {
 
     async fn record_contribution(
         &self,
-        _: Request<pb::RecordContributionRequest>,
+        request: Request<pb::RecordContributionRequest>,
     ) -> Result<Response<pb::RecordContributionResponse>, Status> {
-        Err(unimplemented("RecordContribution"))
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
+        let period = convert::period("period", &body.period)?;
+        let base = convert::amount("base", &body.base)?;
+        crediting::record_contribution(&self.gateway, &psn_no, period, base, body.paid).await?;
+        Ok(Response::new(pb::RecordContributionResponse {}))
     }
 
     async fn run_monthly_credit(
         &self,
-        _: Request<pb::RunMonthlyCreditRequest>,
+        request: Request<pb::RunMonthlyCreditRequest>,
     ) -> Result<Response<pb::RunMonthlyCreditResponse>, Status> {
-        Err(unimplemented("RunMonthlyCredit"))
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let region = convert::region("region", &body.region)?;
+        let period = convert::period("period", &body.period)?;
+        let resume_after = match body.resume_after.as_str() {
+            "" => None,
+            after => Some(convert::psn_no("resume_after", after)?),
+        };
+        let max_accounts = (body.max_accounts > 0).then_some(body.max_accounts);
+        // The run goes on to the end of its chunk if the caller goes away: every chunk commits
+        // whole, and a repeated run picks up what is left.
+        let gateway = self.gateway.clone();
+        let run = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            crediting::run_monthly_credit(&gateway, &region, period, resume_after, max_accounts, |report| {
+                tracing::info!(
+                    %region, %period, accounts = report.accounts, credited = report.credited,
+                    already = report.already_credited, skipped = report.skipped_total(),
+                    back = report.back_months_credited, total = %report.credited_total,
+                    seconds = started.elapsed().as_secs(), "monthly credit progress"
+                );
+            })
+            .await
+        });
+        let report = run.await.map_err(|_| Failure::new(Reason::Internal, "the crediting run failed"))??;
+        let counts = |map: &std::collections::BTreeMap<Skip, u64>| {
+            map.iter().map(|(skip, n)| pb::SkipCount { reason: skip.name().into(), accounts: *n }).collect()
+        };
+        Ok(Response::new(pb::RunMonthlyCreditResponse {
+            credited: report.credited,
+            skipped: report.skipped_total(),
+            total: report.credited_total.to_string(),
+            accounts: report.accounts,
+            already_credited: report.already_credited,
+            skipped_by_reason: counts(&report.skipped),
+            back_months_credited: report.back_months_credited,
+            back_months_skipped: counts(&report.back_months_skipped),
+            mutual_aid_total: report.mutual_aid_total.to_string(),
+            resume_after: report.resume_after.unwrap_or_default(),
+        }))
     }
 
     async fn accrue_interest(
@@ -133,9 +181,16 @@ impl AdminService for Services {
 
     async fn set_interest_rate(
         &self,
-        _: Request<pb::SetInterestRateRequest>,
+        request: Request<pb::SetInterestRateRequest>,
     ) -> Result<Response<pb::SetInterestRateResponse>, Status> {
-        Err(unimplemented("SetInterestRate"))
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let region = convert::region("region", &body.region)?;
+        let effective_from = convert::date("effective_from", &body.effective_from)?;
+        let rate = convert::rate_percent("annual_rate_percent", &body.annual_rate_percent)?;
+        crediting::set_interest_rate(&self.gateway, &region, effective_from, rate).await?;
+        tracing::info!(%region, %effective_from, %rate, "interest rate set");
+        Ok(Response::new(pb::SetInterestRateResponse {}))
     }
 
     async fn transfer_out(

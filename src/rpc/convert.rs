@@ -20,6 +20,28 @@ pub fn money(field: &str, text: &str) -> Outcome<Money> {
     Money::parse_positive(text).map_err(|error| Failure::invalid_amount(field, error))
 }
 
+/// An amount that may be zero (a contribution base of a month not paid).
+pub fn amount(field: &str, text: &str) -> Outcome<Money> {
+    Money::parse(text).map_err(|error| Failure::invalid_amount(field, error))
+}
+
+pub fn period(field: &str, text: &str) -> Outcome<crate::domain::credit::Period> {
+    crate::domain::credit::Period::parse(text).ok_or_else(|| Failure::invalid(field, "must be a month YYYY-MM"))
+}
+
+/// An annual rate in percent: digits with an optional decimal point, nothing else.
+pub fn rate_percent(field: &str, text: &str) -> Outcome<rust_decimal::Decimal> {
+    let plain = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && text.bytes().filter(|&b| b == b'.').count() <= 1
+        && !text.starts_with('.')
+        && !text.ends_with('.');
+    text.parse()
+        .ok()
+        .filter(|_| plain)
+        .ok_or_else(|| Failure::invalid(field, "must be a percentage like 0.35 (no sign, no exponent)"))
+}
+
 pub fn optional_money(field: &str, text: &str) -> Outcome<Option<Money>> {
     if text.is_empty() {
         Ok(None)

@@ -738,3 +738,110 @@ BEGIN
     END LOOP;
     RETURN v_results;
 END $$;
+
+-- ---- money coming in ----------------------------------------------------------------------------
+
+CREATE INDEX IF NOT EXISTS persons_by_region ON persons(region, psn_no);
+
+-- A month's contribution as recorded (RecordContribution): `paid` = paid in full (足额); the
+-- category the person had when it was recorded decides the rule a back payment is credited by.
+CREATE TABLE IF NOT EXISTS contributions (
+    psn_no      TEXT NOT NULL REFERENCES persons(psn_no),
+    period      TEXT NOT NULL,
+    base        NUMERIC(18,2) NOT NULL CHECK (base >= 0),
+    paid        BOOLEAN NOT NULL,
+    category    TEXT NOT NULL,
+    recorded_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (psn_no, period)
+);
+
+-- Each (account, month, kind) credited at most once, however often a run is repeated.
+CREATE TABLE IF NOT EXISTS credits (
+    account_id BIGINT NOT NULL,
+    period     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    amount     NUMERIC(18,2) NOT NULL,
+    txn_id     BIGINT NOT NULL,
+    PRIMARY KEY (account_id, period, kind)
+);
+
+-- Interest rates entered by operators (SetInterestRate), on top of the policy file's table.
+CREATE TABLE IF NOT EXISTS interest_rates (
+    region              TEXT NOT NULL,
+    effective_from      DATE NOT NULL,
+    annual_rate_percent NUMERIC(9,6) NOT NULL,
+    entered_at          TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (region, effective_from)
+);
+
+-- A crediting batch (apply_credits): p_lines is a JSON array of {account_id, period, kind, delta,
+-- counterpart}, in order. A line already credited (same account, month, kind) or on a closed
+-- account is skipped; the others post on the personal account and, per (month, kind,
+-- counterpart), one transaction whose counterpart posting takes the group's total. Returns
+-- {applied: [bool…], accounts: […], balances: […], seqs: […]}: every personal posting's state
+-- after, in order (the caller keeps each account's last). Arrays, not JSONB appends: plpgsql
+-- appends to an array in place, a JSONB value is copied whole each time.
+CREATE OR REPLACE FUNCTION yibao_credit(p_lines JSONB, p_ref TEXT, p_date DATE, p_at TIMESTAMPTZ) RETURNS JSONB
+LANGUAGE plpgsql AS $$
+DECLARE
+    r RECORD;
+    v_key TEXT;
+    v_txns JSONB := '{}';
+    v_totals JSONB := '{}';
+    v_txn BIGINT;
+    v_balance NUMERIC;
+    v_seq BIGINT;
+    v_applied BOOLEAN[] := '{}';
+    v_accounts BIGINT[] := '{}';
+    v_balances NUMERIC[] := '{}';
+    v_seqs BIGINT[] := '{}';
+    v_post RECORD;
+BEGIN
+    FOR r IN SELECT * FROM jsonb_to_recordset(p_lines)
+             AS l(account_id BIGINT, period TEXT, kind TEXT, delta NUMERIC, counterpart TEXT, psn_no TEXT)
+    LOOP
+        PERFORM 1 FROM credits WHERE account_id = r.account_id AND period = r.period AND kind = r.kind;
+        IF FOUND THEN
+            v_applied := array_append(v_applied, FALSE);
+            CONTINUE;
+        END IF;
+        v_key := r.period || '/' || r.kind || '/' || r.counterpart;
+        v_txn := (v_txns->>v_key)::BIGINT;
+        IF v_txn IS NULL THEN
+            INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+            VALUES (r.kind, p_ref, p_at, p_date, p_date, r.period) RETURNING txn_id INTO v_txn;
+            v_txns := v_txns || jsonb_build_object(v_key, v_txn);
+            v_totals := v_totals || jsonb_build_object(v_key, 0);
+        END IF;
+        -- The key first: a concurrent run of the same month waits here, then finds it taken.
+        INSERT INTO credits (account_id, period, kind, amount, txn_id) VALUES (r.account_id, r.period, r.kind, abs(r.delta), v_txn)
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            v_applied := array_append(v_applied, FALSE);
+            CONTINUE;
+        END IF;
+        UPDATE accounts SET balance = balance + r.delta, seq = seq + 1
+         WHERE account_id = r.account_id AND status <> 'CLOSED' AND balance + r.delta >= 0
+        RETURNING balance, seq INTO v_balance, v_seq;
+        IF NOT FOUND THEN
+            DELETE FROM credits WHERE account_id = r.account_id AND period = r.period AND kind = r.kind;
+            v_applied := array_append(v_applied, FALSE);
+            CONTINUE;
+        END IF;
+        INSERT INTO postings (txn_id, account_id, amount, balance_after, seq, family_use, setl_id, counterparty, business_date)
+        VALUES (v_txn, r.account_id, r.delta, v_balance, v_seq, FALSE, '', r.counterpart, p_date);
+        v_totals := jsonb_set(v_totals, ARRAY[v_key], to_jsonb((v_totals->>v_key)::NUMERIC + r.delta));
+        v_applied := array_append(v_applied, TRUE);
+        v_accounts := array_append(v_accounts, r.account_id);
+        v_balances := array_append(v_balances, v_balance);
+        v_seqs := array_append(v_seqs, v_seq);
+    END LOOP;
+    FOR v_key, v_txn IN SELECT key, value::BIGINT FROM jsonb_each_text(v_txns) LOOP
+        -- (A group whose every line was refused keeps an empty, balanced transaction.)
+        SELECT * INTO v_post FROM yibao_post(v_txn, yibao_system(split_part(v_key, '/', 3)),
+            -((v_totals->>v_key)::NUMERIC), FALSE, '', p_ref, p_date);
+        PERFORM yibao_close(v_txn);
+    END LOOP;
+    RETURN jsonb_build_object('applied', to_jsonb(v_applied), 'accounts', to_jsonb(v_accounts),
+        'balances', to_jsonb(v_balances::TEXT[]), 'seqs', to_jsonb(v_seqs));
+END $$;

@@ -204,3 +204,38 @@ CREATE TABLE IF NOT EXISTS api_keys (
     label            TEXT NOT NULL,
     created_at       TEXT NOT NULL
 );
+
+-- ---- money coming in ----------------------------------------------------------------------------
+
+CREATE INDEX IF NOT EXISTS persons_by_region ON persons(region, psn_no);
+
+-- A month's contribution as recorded (RecordContribution): `paid` = paid in full (足额); the
+-- category the person had when it was recorded decides the rule a back payment is credited by.
+CREATE TABLE IF NOT EXISTS contributions (
+    psn_no      TEXT NOT NULL REFERENCES persons(psn_no),
+    period      TEXT NOT NULL,
+    base_fen    INTEGER NOT NULL CHECK (base_fen >= 0),
+    paid        INTEGER NOT NULL,
+    category    TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (psn_no, period)
+);
+
+-- Each (account, month, kind) credited at most once, however often a run is repeated.
+CREATE TABLE IF NOT EXISTS credits (
+    account_id INTEGER NOT NULL REFERENCES accounts(account_id),
+    period     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    amount_fen INTEGER NOT NULL,
+    txn_id     INTEGER NOT NULL REFERENCES txns(txn_id),
+    PRIMARY KEY (account_id, period, kind)
+);
+
+-- Interest rates entered by operators (SetInterestRate), on top of the policy file's table.
+CREATE TABLE IF NOT EXISTS interest_rates (
+    region              TEXT NOT NULL,
+    effective_from      TEXT NOT NULL,
+    annual_rate_percent TEXT NOT NULL,
+    entered_at          TEXT NOT NULL,
+    PRIMARY KEY (region, effective_from)
+);

@@ -1,0 +1,279 @@
+//! Money coming in (DESIGN §1): contributions as recorded, the monthly crediting run, and the
+//! operators' interest rates. No gRPC here.
+
+use crate::domain::credit::{credit_for_month, Contribution, Period, Skip};
+use crate::domain::policy::InterestRate;
+use crate::domain::{Money, TxnKind};
+use crate::error::{Failure, Outcome, Reason};
+use crate::gateway::Gateway;
+use crate::ledger::{CreditBatch, CreditPosting};
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Accounts read and credited per ledger transaction.
+pub const CREDIT_CHUNK: usize = 2_000;
+
+/// Records a month's contribution for a person (replacing what was recorded for that month).
+/// The person's category now is kept with it, so a later back payment is credited by it.
+pub async fn record_contribution(
+    gateway: &Gateway,
+    psn_no: &str,
+    period: Period,
+    base: Money,
+    paid: bool,
+) -> Outcome<()> {
+    if period > Period::of(gateway.clock.today()) {
+        return Err(Failure::invalid("period", format!("{period} is in the future")));
+    }
+    let person = gateway.person(psn_no).await?;
+    let contribution = Contribution { period, base, paid, category: person.category };
+    if !gateway.ledger.record_contribution(psn_no, contribution, gateway.clock.now()).await? {
+        return Err(Failure::new(Reason::UnknownPerson, "no such person"));
+    }
+    Ok(())
+}
+
+/// What a crediting run did, so far or in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreditReport {
+    /// Accounts of the region looked at.
+    pub accounts: u64,
+    /// Accounts credited for the run's month by this run.
+    pub credited: u64,
+    /// Accounts whose run month was credited before (a repeated or resumed run).
+    pub already_credited: u64,
+    /// Accounts not credited for the run's month, by why.
+    pub skipped: BTreeMap<Skip, u64>,
+    /// Earlier months credited now because they were paid since (补缴).
+    pub back_months_credited: u64,
+    /// Earlier paid months still not credited, by why (for example before the policy's rules).
+    pub back_months_skipped: BTreeMap<Skip, u64>,
+    /// Money credited (run month and back months), before the mutual-aid deductions.
+    pub credited_total: Money,
+    /// Mutual-aid premiums deducted.
+    pub mutual_aid_total: Money,
+    /// Where to resume: the last person looked at. `None` once the region is done.
+    pub resume_after: Option<String>,
+}
+
+impl CreditReport {
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+
+    fn add(&mut self, other: &CreditReport) {
+        self.accounts += other.accounts;
+        self.credited += other.credited;
+        self.already_credited += other.already_credited;
+        self.back_months_credited += other.back_months_credited;
+        for (skip, n) in &other.skipped {
+            *self.skipped.entry(*skip).or_default() += n;
+        }
+        for (skip, n) in &other.back_months_skipped {
+            *self.back_months_skipped.entry(*skip).or_default() += n;
+        }
+        self.credited_total = self.credited_total.checked_add(other.credited_total).expect("total in range");
+        self.mutual_aid_total = self.mutual_aid_total.checked_add(other.mutual_aid_total).expect("total in range");
+        self.resume_after = other.resume_after.clone();
+    }
+}
+
+/// Checks a run's month: a month is credited once it is over (by the 5th of the next, 000 §4).
+pub fn check_credit_period(period: Period, today: NaiveDate) -> Outcome<()> {
+    if period >= Period::of(today) {
+        return Err(Failure::invalid(
+            "period",
+            format!("{period} is not over yet; a month is credited in the following month"),
+        ));
+    }
+    Ok(())
+}
+
+/// Credits `region`'s accounts for `period`, and every earlier month paid since (补缴), in chunks
+/// of [`CREDIT_CHUNK`] accounts, each chunk one ledger transaction. Starts after the person
+/// `resume_after` and stops after `max_accounts` accounts when given (the report says where
+/// to resume); `progress` sees the running totals after each chunk. Repeating or resuming a run
+/// credits nothing twice: the ledger keeps each (account, month, kind) once.
+pub async fn run_monthly_credit(
+    gateway: &Arc<Gateway>,
+    region: &str,
+    period: Period,
+    resume_after: Option<String>,
+    max_accounts: Option<u64>,
+    mut progress: impl FnMut(&CreditReport) + Send,
+) -> Outcome<CreditReport> {
+    let policy = gateway
+        .policies
+        .region(region)
+        .ok_or_else(|| Failure::invalid("region", format!("{region} has no policy file loaded")))?
+        .clone();
+    check_credit_period(period, gateway.clock.today())?;
+    let reference = format!("credit {region} {period}");
+    let mut report = CreditReport { resume_after: resume_after.clone(), ..CreditReport::default() };
+    let mut after = resume_after.unwrap_or_default();
+    loop {
+        if max_accounts.is_some_and(|max| report.accounts >= max) {
+            return Ok(report);
+        }
+        let limit = max_accounts.map_or(CREDIT_CHUNK, |max| (max - report.accounts).min(CREDIT_CHUNK as u64) as usize);
+        let candidates = gateway.ledger.credit_candidates(region, period, &after, limit).await?;
+        let Some(last) = candidates.last() else {
+            report.resume_after = None;
+            return Ok(report);
+        };
+        after = last.psn_no.clone();
+        let mut chunk =
+            CreditReport { accounts: candidates.len() as u64, resume_after: Some(after.clone()), ..Default::default() };
+        // Which posting is what, to count it once the ledger says it was applied.
+        let mut postings: Vec<CreditPosting> = Vec::new();
+        let mut run_month: Vec<bool> = Vec::new();
+        for candidate in &candidates {
+            let current = candidate.contributions.iter().find(|c| c.period == period);
+            if candidate.period_done {
+                chunk.already_credited += 1;
+            } else {
+                match credit_for_month(&policy, &candidate.subject, period, current) {
+                    Ok(lines) => {
+                        for line in lines {
+                            postings.push(CreditPosting {
+                                account_id: candidate.account_id,
+                                psn_no: candidate.psn_no.clone(),
+                                period,
+                                line,
+                            });
+                            run_month.push(true);
+                        }
+                    }
+                    Err(skip) => *chunk.skipped.entry(skip).or_default() += 1,
+                }
+            }
+            for back in candidate.contributions.iter().filter(|c| c.period < period) {
+                match credit_for_month(&policy, &candidate.subject, back.period, Some(back)) {
+                    Ok(lines) => {
+                        for line in lines {
+                            postings.push(CreditPosting {
+                                account_id: candidate.account_id,
+                                psn_no: candidate.psn_no.clone(),
+                                period: back.period,
+                                line,
+                            });
+                            run_month.push(false);
+                        }
+                    }
+                    Err(skip) => *chunk.back_months_skipped.entry(skip).or_default() += 1,
+                }
+            }
+        }
+        // Row locks in account order, as the settlement batches take theirs: no deadlock cycle.
+        let mut order: Vec<usize> = (0..postings.len()).collect();
+        order.sort_by_key(|&i| postings[i].account_id);
+        let postings: Vec<CreditPosting> = order.iter().map(|&i| postings[i].clone()).collect();
+        let run_month: Vec<bool> = order.iter().map(|&i| run_month[i]).collect();
+        if !postings.is_empty() {
+            let batch = CreditBatch {
+                postings: postings.clone(),
+                reference: reference.clone(),
+                business_date: gateway.clock.today(),
+                at: gateway.clock.now(),
+            };
+            let applied = gateway.ledger.apply_credits(batch).await?;
+            for ((posting, applied), run_month) in postings.iter().zip(&applied.applied).zip(&run_month) {
+                let amount = posting.line.amount;
+                match (posting.line.kind, *applied, *run_month) {
+                    (TxnKind::MutualAid, true, _) => {
+                        chunk.mutual_aid_total = chunk.mutual_aid_total.checked_add(amount).expect("in range")
+                    }
+                    (TxnKind::MutualAid, false, _) => {}
+                    (_, true, run_month) => {
+                        if run_month {
+                            chunk.credited += 1;
+                        } else {
+                            chunk.back_months_credited += 1;
+                        }
+                        chunk.credited_total = chunk.credited_total.checked_add(amount).expect("in range");
+                    }
+                    // Credited meanwhile by another run, or the account closed meanwhile.
+                    (_, false, true) => chunk.already_credited += 1,
+                    (_, false, false) => {}
+                }
+            }
+            apply_to_cache(gateway, &applied.changes).await;
+        }
+        report.add(&chunk);
+        progress(&report);
+    }
+}
+
+/// Credits reach the cache only after the ledger committed them. A cache that cannot take them
+/// now is stale-low, never high: a warning, not a failure of the committed run.
+async fn apply_to_cache(gateway: &Arc<Gateway>, changes: &[crate::ledger::BalanceChange]) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for change in changes.chunks(256) {
+        let (gateway, change) = (gateway.clone(), change.to_vec());
+        tasks.spawn(async move {
+            for c in change {
+                gateway.cache.apply(c.account_id, c.balance_after, c.seq).await?;
+            }
+            Ok::<(), crate::cache::CacheUnavailable>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(error)) = done {
+            tracing::warn!(%error, "credited balances did not all reach the cache");
+        }
+    }
+}
+
+/// Adds a rate in force from `effective_from` for `region` (SetInterestRate). The same rate
+/// again is a no-op; another rate for a date that has one (in the policy file or entered
+/// before) is refused.
+pub async fn set_interest_rate(
+    gateway: &Gateway,
+    region: &str,
+    effective_from: NaiveDate,
+    annual_rate_percent: Decimal,
+) -> Outcome<()> {
+    let policy = gateway
+        .policies
+        .region(region)
+        .ok_or_else(|| Failure::invalid("region", format!("{region} has no policy file loaded")))?;
+    if annual_rate_percent.is_sign_negative() || annual_rate_percent > Decimal::ONE_HUNDRED {
+        return Err(Failure::invalid("annual_rate_percent", "must be a percentage within 0..=100"));
+    }
+    if annual_rate_percent.scale() > 6 {
+        return Err(Failure::invalid("annual_rate_percent", "has more than 6 decimals"));
+    }
+    let rate = InterestRate { effective_from, annual_rate_percent: annual_rate_percent.normalize() };
+    if let Some(file) = policy.interest.rates.iter().find(|r| r.effective_from == effective_from) {
+        return same_rate(file, &rate, "the policy file");
+    }
+    match gateway.ledger.insert_interest_rate(region, rate, gateway.clock.now()).await? {
+        Ok(()) => Ok(()),
+        Err(stored) => same_rate(&stored, &rate, "an operator"),
+    }
+}
+
+fn same_rate(stored: &InterestRate, wanted: &InterestRate, by: &str) -> Outcome<()> {
+    if stored.annual_rate_percent == wanted.annual_rate_percent {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Reason::AlreadyExists,
+        format!(
+            "a rate of {}% is in force from {} (set by {by}); a rate period cannot be overwritten",
+            stored.annual_rate_percent, stored.effective_from
+        ),
+    ))
+}
+
+/// The region's rate table: the policy file's rows and the operators', in date order (an
+/// operator's row for a date the file has is refused when entered, so none collide).
+pub async fn interest_rates(gateway: &Gateway, region: &str) -> Outcome<Vec<InterestRate>> {
+    let policy = gateway.policy(region)?;
+    let mut rates = policy.interest.rates.clone();
+    rates.extend(gateway.ledger.interest_rates(region).await?);
+    rates.sort_by_key(|r| r.effective_from);
+    Ok(rates)
+}
