@@ -16,12 +16,16 @@
 //! People files: `psn_no,name,birth_date,region,category,status,opening_balance` (a header row, any
 //! column order; `status` empty = ACTIVE, `opening_balance` empty = 0.00). Family files:
 //! `owner_psn_no,member_psn_no,relation` — the member may draw on the owner's account.
+//! Contribution files (`yibao admin contributions import`): `psn_no,period,base,paid` — a month's
+//! contribution base and whether it was paid in full, which the next crediting run credits.
 
+use crate::domain::credit::Period;
 use crate::domain::family::link_refusal;
 use crate::domain::policy::Policies;
 use crate::domain::{is_psn_no, is_region_code, InsuranceStatus, Money, PersonCategory, Relation};
 use crate::ledger::{
-    FamilyCheck, FamilyImport, ImportChunk, ImportVerdict, Ledger, LedgerUnavailable, PersonImport, PersonUpsert,
+    ContributionImport, FamilyCheck, FamilyImport, ImportChunk, ImportVerdict, Ledger, LedgerUnavailable, PersonImport,
+    PersonUpsert,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use std::collections::HashMap;
@@ -42,12 +46,14 @@ const NAME_CHARS_MAX: usize = 100;
 pub const PEOPLE_COLUMNS: &[&str] =
     &["psn_no", "name", "birth_date", "region", "category", "status", "opening_balance"];
 pub const FAMILY_COLUMNS: &[&str] = &["owner_psn_no", "member_psn_no", "relation"];
+pub const CONTRIBUTION_COLUMNS: &[&str] = &["psn_no", "period", "base", "paid"];
 
 /// Which kind of file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
     People,
     Families,
+    Contributions,
 }
 
 /// A problem with the whole file (it cannot be read, its header is wrong) or with the ledger: the
@@ -129,6 +135,7 @@ impl Importer {
         let tally = match kind {
             FileKind::People => self.import_people(path, observer).await?,
             FileKind::Families => self.import_families(path, observer).await?,
+            FileKind::Contributions => self.import_contributions(path, observer).await?,
         };
         self.ledger.import_finished().await?;
         Ok(tally)
@@ -153,6 +160,30 @@ impl Importer {
             let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
             // A chunk of refused rows only still reports; it need not lock anything.
             let verdicts = if chunk.rows.is_empty() { Vec::new() } else { self.ledger.import_people(chunk).await? };
+            report(&mut tally, observer, &lines, verdicts, parsed);
+        }
+        finish(reader, path).await?;
+        Ok(tally)
+    }
+
+    async fn import_contributions(&self, path: &Path, observer: &mut dyn Observer) -> Result<Tally, ImportError> {
+        let today = self.today;
+        let (mut chunks, bytes_total, reader) = read_chunks(
+            path.to_path_buf(),
+            CONTRIBUTION_COLUMNS,
+            self.chunk_rows,
+            move |line, fields| contribution_row(line, fields, today),
+            |row: &ContributionImport| format!("{}/{}", row.psn_no, row.period),
+            |a, b| a.base == b.base && a.paid == b.paid,
+        )?;
+        let mut tally = Tally { bytes_total, ..Tally::default() };
+        while let Some(mut parsed) = chunks.recv().await {
+            let reference = chunk_reference(path, &parsed.rows);
+            let lines: Vec<u64> = parsed.rows.iter().map(|row| row.line).collect();
+            let rows = std::mem::take(&mut parsed.rows);
+            let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
+            let verdicts =
+                if chunk.rows.is_empty() { Vec::new() } else { self.ledger.import_contributions(chunk).await? };
             report(&mut tally, observer, &lines, verdicts, parsed);
         }
         finish(reader, path).await?;
@@ -203,6 +234,11 @@ trait Lined {
     fn line(&self) -> u64;
 }
 impl Lined for PersonImport {
+    fn line(&self) -> u64 {
+        self.line
+    }
+}
+impl Lined for ContributionImport {
     fn line(&self) -> u64 {
         self.line
     }
@@ -516,4 +552,23 @@ fn family_row(line: u64, fields: &HashMap<&str, &str>) -> Result<FamilyImport, S
     let choices: Vec<&str> = Relation::ALL.iter().map(|r| r.name()).collect();
     let relation = named(fields, "relation", Relation::parse, &choices)?;
     Ok(FamilyImport { line, owner_psn_no, member_psn_no, relation })
+}
+
+/// A contribution row: a month that has begun, a base (0 allowed for a month not paid) and
+/// whether the month was paid in full: `true`/`false`, `1`/`0`, `yes`/`no`.
+fn contribution_row(line: u64, fields: &HashMap<&str, &str>, today: NaiveDate) -> Result<ContributionImport, String> {
+    let psn_no = checked_psn_no(fields, "psn_no")?;
+    let text = field(fields, "period");
+    let period = Period::parse(text).ok_or_else(|| format!("period: {text:?} is not a month YYYY-MM"))?;
+    if period > Period::of(today) {
+        return Err(format!("period: {period} is in the future"));
+    }
+    let text = field(fields, "base");
+    let base = Money::parse(text).map_err(|e| format!("base: {text:?} {e}"))?;
+    let paid = match field(fields, "paid").to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => true,
+        "false" | "0" | "no" => false,
+        other => return Err(format!("paid: {other:?} is not true or false")),
+    };
+    Ok(ContributionImport { line, psn_no, period, base, paid })
 }

@@ -255,7 +255,84 @@ async fn operators_add_interest_rates_but_never_rewrite_one(backend: Backend) {
     assert_eq!(rates, vec!["2015-10-24 0.35".to_string(), "2025-05-20 0.15".to_string()]);
 }
 
+/// Runs the `yibao` binary with `args`, on this gateway's ledger (imports) or server (calls).
+fn yibao(gw: &TestGateway, args: &[&str], on_ledger: bool) -> (Option<i32>, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_yibao"));
+    command.args(args);
+    if on_ledger {
+        match &gw.config.ledger_url {
+            Some(url) => command.args(["--ledger-url", url]),
+            None => command.arg("--data-dir").arg(gw.data_dir()),
+        };
+    } else {
+        command.args(["--server", &gw.server, "--key", OPERATOR_KEY]);
+    }
+    for name in ["YIBAO_CONFIG", "YIBAO_LEDGER_URL", "YIBAO_DATA_DIR", "YIBAO_SERVER", "YIBAO_API_KEY"] {
+        command.env_remove(name);
+    }
+    let output = command.output().expect("the yibao binary runs");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
+const CONTRIBUTIONS: &str = "\
+psn_no,period,base,paid
+C1,2025-08,12345.67,true
+C2,2025-08,8000.00,false
+NOBODY,2025-08,1.00,true
+C1,2025-13,1.00,true
+C2,2025-07,5360.25,yes
+C1,2025-08,9999.00,true
+";
+
+async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    person_born(&gw, "C1", BEIJING, pb::PersonCategory::Employee, "1980-01-01").await;
+    person_born(&gw, "C2", BEIJING, pb::PersonCategory::Employee, "1980-01-01").await;
+    person_born(&gw, "C3", BEIJING, pb::PersonCategory::Retiree, "1950-01-01").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("contributions.csv");
+    std::fs::write(&file, CONTRIBUTIONS).unwrap();
+    let file = file.to_str().unwrap();
+    let import = ["admin", "contributions", "import", file];
+    let (code, stdout, stderr) = yibao(&gw, &import, true);
+    assert_eq!(code, Some(1), "rows were refused: exit 1\n{stdout}\n{stderr}");
+    assert!(stdout.contains("contributions.csv: 3 imported, 0 already there, 3 refused (6 rows"), "{stdout}");
+    for refusal in [
+        "contributions.csv:4: unknown psn_no NOBODY",
+        "contributions.csv:5: period: \"2025-13\" is not a month YYYY-MM",
+        "contributions.csv:7: repeats the key of line 2 with other content",
+    ] {
+        assert!(stderr.contains(refusal), "{refusal}\n{stderr}");
+    }
+    let (_, stdout, _) = yibao(&gw, &import, true);
+    assert!(stdout.contains("contributions.csv: 0 imported, 3 already there, 3 refused (6 rows"), "{stdout}");
+
+    let (code, stdout, stderr) =
+        yibao(&gw, &["admin", "credit", "--region", BEIJING, "--period", "2025-08", "--step", "1"], false);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    // Three calls of one account each, a progress line after each.
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("110000 2025-08: ")).count(), 3, "{stderr}");
+    // C1 12,345.67 × 2% = 246.91; C3, over 70, 110.00 (less 3.00 mutual aid); C2's July paid later:
+    // 5,360.25 × 2% = 107.21.
+    for line in [
+        "  accounts looked at   3",
+        "  credited             2  (already credited before: 0)",
+        "  skipped              1  (NOT_PAID 1)",
+        "  back months credited 1",
+        "  money credited       464.12",
+        "  mutual aid deducted  3.00",
+    ] {
+        assert!(stdout.contains(line), "{line:?}\n{stdout}");
+    }
+    assert_eq!(gw.balance_of("C1").await, "246.91");
+    assert_eq!(gw.balance_of("C2").await, "107.21");
+    assert_eq!(gw.balance_of("C3").await, "107.00");
+    gw.assert_books_balance().await;
+}
+
 on_both_backends!(
+    contributions_imported_from_csv_are_credited_by_the_operators_run,
     a_month_is_credited_to_the_fen_by_regional_rules,
     a_missed_month_paid_later_is_credited_by_the_next_run,
     an_interrupted_run_resumes_and_credits_each_account_once,

@@ -1,6 +1,7 @@
 //! Client subcommands: each makes one call and prints a readable answer. Errors print the gRPC
 //! code, the stable reason and the message, and exit 1.
 
+use crate::domain::Money;
 use crate::rpc::pb::{self, *};
 use clap::{Args, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -289,6 +290,28 @@ pub enum AdminCommand {
     /// Bulk import of people, opening balances and family links from CSV, straight into the ledger
     /// (a region moving from a legacy system); row by row, re-runnable. Exit 1 if rows were refused.
     Import(super::import::ImportArgs),
+    /// Contributions: `import FILE.csv` straight into the ledger.
+    #[command(subcommand)]
+    Contributions(super::import::ContributionsCommand),
+    /// The monthly crediting run (划入) of a region for a month that is over, in steps of
+    /// --step accounts with progress after each, and a summary at the end. Re-runnable: nothing
+    /// is credited twice.
+    Credit {
+        /// Region code, e.g. 110000.
+        #[arg(long)]
+        region: String,
+        /// The month credited, YYYY-MM.
+        #[arg(long)]
+        period: String,
+        /// Accounts per call.
+        #[arg(long, default_value_t = 50_000)]
+        step: u64,
+        /// Resume after this person (printed by an interrupted run).
+        #[arg(long, default_value = "")]
+        resume_after: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Create or update a person (opens the account when the region's policy says so).
     Person {
         #[arg(long)]
@@ -436,18 +459,24 @@ fn connection_of(command: &ClientCommand) -> Option<&Connection> {
             | AdminCommand::Institution { connection, .. }
             | AdminCommand::Key { connection, .. }
             | AdminCommand::Adjust { connection, .. }
+            | AdminCommand::Credit { connection, .. }
             | AdminCommand::ResetPin { connection, .. }
             | AdminCommand::Freeze { connection, .. }
             | AdminCommand::Unfreeze { connection, .. },
         ) => connection,
-        ClientCommand::Admin(AdminCommand::Import(_)) => return None,
+        ClientCommand::Admin(AdminCommand::Import(_) | AdminCommand::Contributions(_)) => return None,
     })
 }
 
 pub async fn run(command: ClientCommand) -> ExitCode {
     let Some(connection) = connection_of(&command) else {
-        let ClientCommand::Admin(AdminCommand::Import(args)) = command else { unreachable!("only import has none") };
-        return super::import::run(args).await;
+        return match command {
+            ClientCommand::Admin(AdminCommand::Import(args)) => super::import::run(args).await,
+            ClientCommand::Admin(AdminCommand::Contributions(command)) => {
+                super::import::run_contributions(command).await
+            }
+            _ => unreachable!("only the imports have no connection"),
+        };
     };
     let client = match Client::connect(connection).await {
         Ok(client) => client,
@@ -751,8 +780,78 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
                 .into_inner();
             print_person(&person);
         }
-        AdminCommand::Import(_) => unreachable!("run() hands import over before connecting"),
+        AdminCommand::Credit { region, period, step, resume_after, .. } => {
+            credit(client, region, period, step, resume_after).await?
+        }
+        AdminCommand::Import(_) | AdminCommand::Contributions(_) => {
+            unreachable!("run() hands imports over before connecting")
+        }
     }
+    Ok(())
+}
+
+/// Runs RunMonthlyCredit in steps: a progress line after each, the whole run's summary at the end.
+async fn credit(client: &Client, region: String, period: String, step: u64, resume_after: String) -> CallResult {
+    let started = std::time::Instant::now();
+    let mut after = resume_after;
+    let (mut accounts, mut credited, mut already, mut back) = (0u64, 0u64, 0u64, 0u64);
+    let (mut total, mut mutual_aid) = (Money::ZERO, Money::ZERO);
+    let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut back_skipped: std::collections::BTreeMap<String, u64> = Default::default();
+    loop {
+        let request = pb::RunMonthlyCreditRequest {
+            region: region.clone(),
+            period: period.clone(),
+            resume_after: after.clone(),
+            max_accounts: step.max(1),
+        };
+        let answer = match client.admin().run_monthly_credit(client.request(request)).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => {
+                if !after.is_empty() {
+                    eprintln!("interrupted: nothing after {after} was credited by this run; go on with --resume-after {after}");
+                }
+                return Err(status);
+            }
+        };
+        accounts += answer.accounts;
+        credited += answer.credited;
+        already += answer.already_credited;
+        back += answer.back_months_credited;
+        total = total.checked_add(Money::parse(&answer.total).unwrap_or_default()).unwrap_or(total);
+        mutual_aid =
+            mutual_aid.checked_add(Money::parse(&answer.mutual_aid_total).unwrap_or_default()).unwrap_or(mutual_aid);
+        for count in answer.skipped_by_reason {
+            *skipped.entry(count.reason).or_default() += count.accounts;
+        }
+        for count in answer.back_months_skipped {
+            *back_skipped.entry(count.reason).or_default() += count.accounts;
+        }
+        if answer.accounts > 0 {
+            eprintln!(
+                "{region} {period}: {accounts} accounts, {credited} credited, {already} already, {} skipped ({:.0} s)",
+                skipped.values().sum::<u64>(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if answer.resume_after.is_empty() {
+            break;
+        }
+        after = answer.resume_after;
+    }
+    let list = |map: &std::collections::BTreeMap<String, u64>| {
+        if map.is_empty() {
+            return "none".to_string();
+        }
+        map.iter().map(|(reason, n)| format!("{reason} {n}")).collect::<Vec<_>>().join(", ")
+    };
+    println!("monthly credit {region} {period} done in {:.1} s", started.elapsed().as_secs_f64());
+    println!("  accounts looked at   {accounts}");
+    println!("  credited             {credited}  (already credited before: {already})");
+    println!("  skipped              {}  ({})", skipped.values().sum::<u64>(), list(&skipped));
+    println!("  back months credited {back}  (paid months not credited: {})", list(&back_skipped));
+    println!("  money credited       {total}");
+    println!("  mutual aid deducted  {mutual_aid}");
     Ok(())
 }
 

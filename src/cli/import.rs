@@ -5,7 +5,7 @@
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Overrides};
 use crate::import::{FileKind, ImportError, Importer, Observer, Refusal, Tally, CHUNK_ROWS_DEFAULT};
-use clap::Args;
+use clap::{Args, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,6 +24,30 @@ pub struct ImportArgs {
     /// Rows per ledger transaction.
     #[arg(long, default_value_t = CHUNK_ROWS_DEFAULT)]
     chunk_rows: usize,
+    #[command(flatten)]
+    ledger: LedgerArgs,
+}
+
+/// `yibao admin contributions …`
+#[derive(Debug, Subcommand)]
+pub enum ContributionsCommand {
+    /// Months' contributions from CSV straight into the ledger: columns psn_no,period,base,paid
+    /// (period YYYY-MM, paid true/false). A month recorded before is replaced (a month paid later,
+    /// 补缴); the next `yibao admin credit` credits what is paid. Row by row, re-runnable.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Rows per ledger transaction.
+        #[arg(long, default_value_t = CHUNK_ROWS_DEFAULT)]
+        chunk_rows: usize,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+}
+
+/// Which ledger an import writes to: the same options as `yibao serve`.
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
     /// Where the SQLite ledger (ledger.db) lives, as for `yibao serve`.
     #[arg(long, env = "YIBAO_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -97,6 +121,20 @@ pub async fn run(args: ImportArgs) -> ExitCode {
         eprintln!("error: nothing to import: give --people FILE and/or --families FILE");
         return ExitCode::from(2);
     }
+    let files = [(FileKind::People, args.people), (FileKind::Families, args.families)];
+    import_files(args.ledger, args.chunk_rows, files).await
+}
+
+pub async fn run_contributions(command: ContributionsCommand) -> ExitCode {
+    let ContributionsCommand::Import { file, chunk_rows, ledger } = command;
+    import_files(ledger, chunk_rows, [(FileKind::Contributions, Some(file))]).await
+}
+
+async fn import_files<const N: usize>(
+    args: LedgerArgs,
+    chunk_rows: usize,
+    files: [(FileKind, Option<PathBuf>); N],
+) -> ExitCode {
     let overrides = Overrides {
         data_dir: args.data_dir,
         config: args.config,
@@ -133,15 +171,9 @@ pub async fn run(args: ImportArgs) -> ExitCode {
         }
     };
     let clock = SystemClock;
-    let importer = Importer {
-        ledger,
-        policies: Arc::new(policies),
-        today: clock.today(),
-        now: clock.now(),
-        chunk_rows: args.chunk_rows,
-    };
+    let importer =
+        Importer { ledger, policies: Arc::new(policies), today: clock.today(), now: clock.now(), chunk_rows };
     let mut any_refused = false;
-    let files = [(FileKind::People, args.people), (FileKind::Families, args.families)];
     for (kind, path) in files {
         let Some(path) = path else { continue };
         match import_file(&importer, kind, &path).await {

@@ -137,6 +137,10 @@ pub trait Ledger: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> LedgerResult<Result<(), InterestRate>>;
 
+    /// Contributions (`yibao admin contributions import`): a row for an unknown person is refused;
+    /// the same month with the same base and paid flag is already there; anything else records or
+    /// replaces the month, with the person's category now (as `record_contribution`).
+    async fn import_contributions(&self, chunk: ImportChunk<ContributionImport>) -> LedgerResult<Vec<ImportVerdict>>;
     /// After an import: refresh the query planner's statistics, so the first payments on millions of
     /// new rows do not run on plans made for an empty table.
     async fn import_finished(&self) -> LedgerResult<()> {

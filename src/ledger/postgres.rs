@@ -1033,6 +1033,44 @@ impl Ledger for PostgresLedger {
         self.import_people_chunk(chunk).await
     }
 
+    async fn import_contributions(&self, chunk: ImportChunk<ContributionImport>) -> LedgerResult<Vec<ImportVerdict>> {
+        let psn_nos: Vec<&str> = chunk.rows.iter().map(|r| r.psn_no.as_str()).collect();
+        let periods: Vec<String> = chunk.rows.iter().map(|r| r.period.to_string()).collect();
+        let bases: Vec<Decimal> = chunk.rows.iter().map(|r| r.base.as_decimal()).collect();
+        let paid: Vec<bool> = chunk.rows.iter().map(|r| r.paid).collect();
+        let client = self.client().await?;
+        // One statement: judged against what is recorded, then recorded (rows of a chunk have
+        // distinct keys: the reader refuses repeats).
+        let statement = deadline(client.prepare_cached(
+            "WITH r AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::NUMERIC[], $4::BOOLEAN[])
+                                 WITH ORDINALITY AS r(psn_no, period, base, paid, ord)),
+                  judged AS (SELECT r.*, p.category, k.base = r.base AND k.paid = r.paid AS same
+                               FROM r LEFT JOIN persons p ON p.psn_no = r.psn_no
+                               LEFT JOIN contributions k ON k.psn_no = r.psn_no AND k.period = r.period),
+                  recorded AS (INSERT INTO contributions (psn_no, period, base, paid, category, recorded_at)
+                               SELECT psn_no, period, base, paid, category, $5 FROM judged
+                                WHERE category IS NOT NULL AND same IS NOT TRUE
+                               ON CONFLICT (psn_no, period) DO UPDATE SET base = excluded.base, paid = excluded.paid,
+                                   category = excluded.category, recorded_at = excluded.recorded_at
+                               RETURNING 1)
+             SELECT category IS NOT NULL, COALESCE(same, FALSE), (SELECT COUNT(*) FROM recorded) FROM judged ORDER BY ord",
+        ))
+        .await?;
+        let rows = import_deadline(client.query(&statement, &[&psn_nos, &periods, &bases, &paid, &chunk.at])).await?;
+        if rows.len() != chunk.rows.len() {
+            return Err(corrupt("one verdict per contribution row"));
+        }
+        Ok(rows
+            .iter()
+            .zip(&chunk.rows)
+            .map(|(row, import)| match (row.get::<_, bool>(0), row.get::<_, bool>(1)) {
+                (false, _) => ImportVerdict::Refused(format!("unknown psn_no {}", import.psn_no)),
+                (true, true) => ImportVerdict::AlreadyThere,
+                (true, false) => ImportVerdict::Applied,
+            })
+            .collect())
+    }
+
     async fn import_finished(&self) -> LedgerResult<()> {
         let client = self.client().await?;
         import_deadline(

@@ -518,6 +518,16 @@ impl ExistingImport {
     }
 }
 
+/// One contribution row: a month's base and whether it was paid in full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContributionImport {
+    pub line: u64,
+    pub psn_no: String,
+    pub period: Period,
+    pub base: Money,
+    pub paid: bool,
+}
+
 /// One family row: `member_psn_no` may draw on `owner_psn_no`'s account.
 #[derive(Debug, Clone)]
 pub struct FamilyImport {

@@ -1454,6 +1454,10 @@ impl Ledger for SqliteLedger {
         self.write(move |conn, system| import_people_sync(conn, system, chunk)).await
     }
 
+    async fn import_contributions(&self, chunk: ImportChunk<ContributionImport>) -> LedgerResult<Vec<ImportVerdict>> {
+        self.write(move |conn, _| import_contributions_sync(conn, chunk)).await
+    }
+
     async fn import_finished(&self) -> LedgerResult<()> {
         self.write(|conn, _| conn.execute_batch("PRAGMA optimize")).await
     }
@@ -1565,6 +1569,40 @@ fn apply_credits_sync(
 }
 
 // ---- bulk import ---------------------------------------------------------------------------------
+
+fn import_contributions_sync(conn: &mut Connection, chunk: ImportChunk<ContributionImport>) -> Sql<Vec<ImportVerdict>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut verdicts = Vec::with_capacity(chunk.rows.len());
+    {
+        let mut person = tx.prepare_cached("SELECT category FROM persons WHERE psn_no = ?1")?;
+        let mut recorded =
+            tx.prepare_cached("SELECT base_fen, paid FROM contributions WHERE psn_no = ?1 AND period = ?2")?;
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO contributions (psn_no, period, base_fen, paid, category, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (psn_no, period) DO UPDATE SET base_fen = excluded.base_fen, paid = excluded.paid,
+                 category = excluded.category, recorded_at = excluded.recorded_at",
+        )?;
+        let at = ts(chunk.at);
+        for row in &chunk.rows {
+            let Some(category) = person.query_row([&row.psn_no], |r| r.get::<_, String>(0)).optional()? else {
+                verdicts.push(ImportVerdict::Refused(format!("unknown psn_no {}", row.psn_no)));
+                continue;
+            };
+            let period = row.period.to_string();
+            let before = recorded
+                .query_row(params![row.psn_no, period], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)))
+                .optional()?;
+            if before == Some((row.base.to_fen(), row.paid)) {
+                verdicts.push(ImportVerdict::AlreadyThere);
+                continue;
+            }
+            upsert.execute(params![row.psn_no, period, row.base.to_fen(), row.paid, category, at])?;
+            verdicts.push(ImportVerdict::Applied);
+        }
+    }
+    tx.commit()?;
+    Ok(verdicts)
+}
 
 fn import_people_sync(
     conn: &mut Connection,

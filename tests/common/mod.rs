@@ -54,11 +54,13 @@ pub struct TestGateway {
     pub backend: Backend,
     pub config: Config,
     pub channel: Channel,
+    /// `http://127.0.0.1:PORT`, for the `yibao` binary's client commands.
+    pub server: String,
     pub clock: Arc<OffsetClock>,
     pub app: App,
     dir: Arc<TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    server_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn unique_name() -> String {
@@ -127,7 +129,17 @@ impl TestGateway {
             .expect("serve");
         });
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.expect("connect");
-        TestGateway { backend, config, channel, clock, app, dir, shutdown: Some(shutdown), server: Some(server) }
+        TestGateway {
+            backend,
+            config,
+            channel,
+            server: format!("http://{address}"),
+            clock,
+            app,
+            dir,
+            shutdown: Some(shutdown),
+            server_task: Some(server),
+        }
     }
 
     /// Stops this gateway gracefully and starts a new one on the same ledger (and, in production,
@@ -146,7 +158,7 @@ impl TestGateway {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        if let Some(server) = self.server.take() {
+        if let Some(server) = self.server_task.take() {
             let _ = server.await;
         }
     }
