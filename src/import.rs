@@ -144,7 +144,7 @@ impl Importer {
     async fn import_people(&self, path: &Path, observer: &mut dyn Observer) -> Result<Tally, ImportError> {
         let policies = self.policies.clone();
         let today = self.today;
-        let (mut chunks, bytes_total, reader) = read_chunks(
+        let chunks = read_chunks(
             path.to_path_buf(),
             PEOPLE_COLUMNS,
             self.chunk_rows,
@@ -152,14 +152,28 @@ impl Importer {
             |row: &PersonImport| row.person.psn_no.clone(),
             |a, b| a.person == b.person && a.opening == b.opening,
         )?;
+        self.apply(path, observer, chunks, |chunk| self.ledger.import_people(chunk)).await
+    }
+
+    /// Hands each parsed chunk's valid rows to `write` (one ledger transaction) and reports.
+    async fn apply<T: Lined, F>(
+        &self,
+        path: &Path,
+        observer: &mut dyn Observer,
+        (mut chunks, bytes_total, reader): Chunks<T>,
+        write: impl Fn(ImportChunk<T>) -> F,
+    ) -> Result<Tally, ImportError>
+    where
+        F: std::future::Future<Output = Result<Vec<ImportVerdict>, LedgerUnavailable>>,
+    {
         let mut tally = Tally { bytes_total, ..Tally::default() };
         while let Some(mut parsed) = chunks.recv().await {
             let reference = chunk_reference(path, &parsed.rows);
-            let lines: Vec<u64> = parsed.rows.iter().map(|row| row.line).collect();
+            let lines: Vec<u64> = parsed.rows.iter().map(Lined::line).collect();
             let rows = std::mem::take(&mut parsed.rows);
             let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
             // A chunk of refused rows only still reports; it need not lock anything.
-            let verdicts = if chunk.rows.is_empty() { Vec::new() } else { self.ledger.import_people(chunk).await? };
+            let verdicts = if chunk.rows.is_empty() { Vec::new() } else { write(chunk).await? };
             report(&mut tally, observer, &lines, verdicts, parsed);
         }
         finish(reader, path).await?;
@@ -168,7 +182,7 @@ impl Importer {
 
     async fn import_contributions(&self, path: &Path, observer: &mut dyn Observer) -> Result<Tally, ImportError> {
         let today = self.today;
-        let (mut chunks, bytes_total, reader) = read_chunks(
+        let chunks = read_chunks(
             path.to_path_buf(),
             CONTRIBUTION_COLUMNS,
             self.chunk_rows,
@@ -176,22 +190,11 @@ impl Importer {
             |row: &ContributionImport| format!("{}/{}", row.psn_no, row.period),
             |a, b| a.base == b.base && a.paid == b.paid,
         )?;
-        let mut tally = Tally { bytes_total, ..Tally::default() };
-        while let Some(mut parsed) = chunks.recv().await {
-            let reference = chunk_reference(path, &parsed.rows);
-            let lines: Vec<u64> = parsed.rows.iter().map(|row| row.line).collect();
-            let rows = std::mem::take(&mut parsed.rows);
-            let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
-            let verdicts =
-                if chunk.rows.is_empty() { Vec::new() } else { self.ledger.import_contributions(chunk).await? };
-            report(&mut tally, observer, &lines, verdicts, parsed);
-        }
-        finish(reader, path).await?;
-        Ok(tally)
+        self.apply(path, observer, chunks, |chunk| self.ledger.import_contributions(chunk)).await
     }
 
     async fn import_families(&self, path: &Path, observer: &mut dyn Observer) -> Result<Tally, ImportError> {
-        let (mut chunks, bytes_total, reader) = read_chunks(
+        let chunks = read_chunks(
             path.to_path_buf(),
             FAMILY_COLUMNS,
             self.chunk_rows,
@@ -211,21 +214,7 @@ impl Importer {
                 None => Ok(today.max(policy.family_start_date)),
             }
         });
-        let mut tally = Tally { bytes_total, ..Tally::default() };
-        while let Some(mut parsed) = chunks.recv().await {
-            let reference = chunk_reference(path, &parsed.rows);
-            let lines: Vec<u64> = parsed.rows.iter().map(|row| row.line).collect();
-            let rows = std::mem::take(&mut parsed.rows);
-            let chunk = ImportChunk { rows, at: self.now, business_date: self.today, reference };
-            let verdicts = if chunk.rows.is_empty() {
-                Vec::new()
-            } else {
-                self.ledger.import_families(chunk, check.clone()).await?
-            };
-            report(&mut tally, observer, &lines, verdicts, parsed);
-        }
-        finish(reader, path).await?;
-        Ok(tally)
+        self.apply(path, observer, chunks, |chunk| self.ledger.import_families(chunk, check.clone())).await
     }
 }
 
@@ -297,6 +286,8 @@ fn report<T>(
 }
 
 type ReaderHandle = tokio::task::JoinHandle<Result<(), String>>;
+/// What [`read_chunks`] starts: the chunks as they are parsed, the file's size, the reader.
+type Chunks<T> = (tokio::sync::mpsc::Receiver<Parsed<T>>, u64, ReaderHandle);
 
 /// The reader's own failure (the file could not be read to the end), once its channel closed.
 async fn finish(reader: ReaderHandle, path: &Path) -> Result<(), ImportError> {
@@ -309,7 +300,6 @@ async fn finish(reader: ReaderHandle, path: &Path) -> Result<(), ImportError> {
 
 /// Starts the reader thread: parses `path` (its header must hold exactly `columns`), validates each
 /// row with `parse`, and hands over chunks of `chunk_rows`. Also returns the file's size.
-#[allow(clippy::type_complexity)]
 fn read_chunks<T: Send + 'static>(
     path: PathBuf,
     columns: &'static [&'static str],
@@ -317,7 +307,7 @@ fn read_chunks<T: Send + 'static>(
     parse: impl Fn(u64, &HashMap<&str, &str>) -> Result<T, String> + Send + 'static,
     key: impl Fn(&T) -> String + Send + 'static,
     same: impl Fn(&T, &T) -> bool + Send + 'static,
-) -> Result<(tokio::sync::mpsc::Receiver<Parsed<T>>, u64, ReaderHandle), ImportError> {
+) -> Result<Chunks<T>, ImportError> {
     let file_error = |message: String| ImportError::File { path: path.display().to_string(), message };
     let file = std::fs::File::open(&path).map_err(|e| file_error(e.to_string()))?;
     let bytes_total = file.metadata().map(|m| m.len()).unwrap_or(0);
