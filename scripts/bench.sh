@@ -10,7 +10,10 @@
 # Scenarios (SCENARIOS, default all): a e-voucher self only, b 30% family, c card + PIN (at PIN_RATE,
 # default 90% of the argon2 baseline, or 90/s without baselines), d hot
 # accounts, e rate stepped up until p99 > 20 ms or errors, f scenario a on LARGE_ACCOUNTS accounts
-# loaded by `yibao bench population` + `yibao admin import`, with Redis memory per cached account.
+# loaded by `yibao bench population` + `yibao admin import`, with Redis memory per cached account;
+# g the monthly crediting run (`yibao admin credit`) over CREDIT_ACCOUNTS accounts (default 1M, plus
+# a tenth as many family payers) with a paid contribution each, in a ledger of their own, then the
+# same run again (it must credit nothing).
 #
 # Needs redis-server and PostgreSQL binaries (scripts/test.sh installs them) and pgbench.
 set -euo pipefail
@@ -24,12 +27,13 @@ ACCOUNTS=${ACCOUNTS:-100000}
 RATE=${RATE:-3500}
 PIN_RATE=${PIN_RATE:-}
 CONNECTIONS=${CONNECTIONS:-8}
-SCENARIOS=" ${SCENARIOS:-a b c d e f} "
+SCENARIOS=" ${SCENARIOS:-a b c d e f g} "
 STEP_FROM=${STEP_FROM:-500}
 STEP_BY=${STEP_BY:-500}
 STEP_TO=${STEP_TO:-6000}
 STEP_SECONDS=${STEP_SECONDS:-10}
 LARGE_ACCOUNTS=${LARGE_ACCOUNTS:-10000000}
+CREDIT_ACCOUNTS=${CREDIT_ACCOUNTS:-1000000}
 export YIBAO_OPERATOR_KEY=bench-operator-key-0123456789
 export YIBAO_PIN_PEPPER=bench-pepper
 work=$(mktemp -d)
@@ -117,6 +121,32 @@ run_large() {
   kill "$gw"; wait "$gw" 2>/dev/null || true
 }
 
+# Scenario g: a ledger of its own (other scenarios' people are Beijing's too), CREDIT_ACCOUNTS people
+# with last month paid, then `yibao admin credit` for that month, twice.
+run_credit() {
+  local name=$1 ledger_args=$2 redis_args=$3
+  local pop="$work/credit-population"
+  local period; period=$(date -d "$(date +%Y-%m-01) -1 month" +%Y-%m)
+  if [ ! -f "$pop/people.csv" ]; then
+    $Y bench population --accounts "$CREDIT_ACCOUNTS" --prefix BC --dir "$pop"
+    # Bases from 3,000.00 to 32,999.99, so the 2% rounds every way.
+    awk -F, -v p="$period" 'NR == 1 { print "psn_no,period,base,paid"; next }
+      { printf "%s,%s,%d.%02d,true\n", $1, p, 3000 + NR % 30000, NR % 100 }' "$pop/people.csv" >"$pop/contributions.csv"
+  fi
+  # shellcheck disable=SC2086
+  start_gateway "$name-credit" $ledger_args $redis_args
+  echo "== $name: crediting $period for $(($(wc -l <"$pop/people.csv") - 1)) people"
+  # shellcheck disable=SC2086
+  $Y admin import --people "$pop/people.csv" $ledger_args | tee "$OUT/$name-g-import.txt"
+  # shellcheck disable=SC2086
+  $Y admin contributions import "$pop/contributions.csv" $ledger_args | tee -a "$OUT/$name-g-import.txt"
+  for run in first repeat; do
+    $Y admin credit --server "$server" --key "$YIBAO_OPERATOR_KEY" --region 110000 --period "$period" --step 100000 \
+      | tee "$OUT/$name-g-credit-$run.txt"
+  done
+  kill "$gw"; wait "$gw" 2>/dev/null || true
+}
+
 run_backend() {
   local name=$1 ledger_args=$2 redis_args=$3
   # shellcheck disable=SC2086
@@ -134,10 +164,17 @@ run_backend() {
   kill "$gw"; wait "$gw" 2>/dev/null || true
   if has f; then run_large "$name" "$ledger_args" "$redis_args"; fi
 }
+# Scenario g's ledger: a data directory, or a database, of its own (and Redis database 1).
+credit_url="postgres://postgres@127.0.0.1:$pg_port/credit"
+if has g; then psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE credit" postgres; fi
 case " ${BACKENDS:-embedded postgres-redis} " in
-  *" embedded "*) run_backend embedded "--data-dir $work/embedded" "" ;;
+  *" embedded "*)
+    run_backend embedded "--data-dir $work/embedded" ""
+    if has g; then run_credit embedded "--data-dir $work/credit-embedded" ""; fi ;;
 esac
 case " ${BACKENDS:-embedded postgres-redis} " in
-  *" postgres-redis "*) run_backend postgres-redis "--ledger-url $pg_url" "--redis-url redis://127.0.0.1:$redis_port/0" ;;
+  *" postgres-redis "*)
+    run_backend postgres-redis "--ledger-url $pg_url" "--redis-url redis://127.0.0.1:$redis_port/0"
+    if has g; then run_credit postgres-redis "--ledger-url $credit_url" "--redis-url redis://127.0.0.1:$redis_port/1"; fi ;;
 esac
 echo "results in $OUT"

@@ -1,12 +1,13 @@
-//! Money coming in (DESIGN §1): contributions as recorded, the monthly crediting run, and the
-//! operators' interest rates. No gRPC here.
+//! Money coming in (DESIGN §1): contributions as recorded, the monthly crediting run, the
+//! operators' interest rates and the interest run. No gRPC here.
 
-use crate::domain::credit::{credit_for_month, Contribution, Period, Skip};
+use crate::domain::credit::{credit_for_month, Contribution, CreditLine, Period, Skip};
+use crate::domain::interest;
 use crate::domain::policy::InterestRate;
-use crate::domain::{Money, TxnKind};
+use crate::domain::{AccountStatus, Money, SystemAccount, TxnKind};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::Gateway;
-use crate::ledger::{CreditBatch, CreditPosting};
+use crate::ledger::{CreditBatch, CreditPosting, InterestCandidate};
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
@@ -80,6 +81,15 @@ impl CreditReport {
     }
 }
 
+/// How many accounts the next chunk of a run reads: `None` once `max_accounts` are done.
+fn next_chunk(max_accounts: Option<u64>, done: u64) -> Option<usize> {
+    match max_accounts {
+        Some(max) if done >= max => None,
+        Some(max) => Some((max - done).min(CREDIT_CHUNK as u64) as usize),
+        None => Some(CREDIT_CHUNK),
+    }
+}
+
 /// Checks a run's month: a month is credited once it is over (by the 5th of the next, 000 §4).
 pub fn check_credit_period(period: Period, today: NaiveDate) -> Outcome<()> {
     if period >= Period::of(today) {
@@ -111,13 +121,14 @@ pub async fn run_monthly_credit(
         .clone();
     check_credit_period(period, gateway.clock.today())?;
     let reference = format!("credit {region} {period}");
+    // Credited money counts for interest from the day it arrives.
+    let today = gateway.clock.today();
     let mut report = CreditReport { resume_after: resume_after.clone(), ..CreditReport::default() };
     let mut after = resume_after.unwrap_or_default();
     loop {
-        if max_accounts.is_some_and(|max| report.accounts >= max) {
+        let Some(limit) = next_chunk(max_accounts, report.accounts) else {
             return Ok(report);
-        }
-        let limit = max_accounts.map_or(CREDIT_CHUNK, |max| (max - report.accounts).min(CREDIT_CHUNK as u64) as usize);
+        };
         let candidates = gateway.ledger.credit_candidates(region, period, &after, limit).await?;
         let Some(last) = candidates.last() else {
             report.resume_after = None;
@@ -140,7 +151,8 @@ pub async fn run_monthly_credit(
                             postings.push(CreditPosting {
                                 account_id: candidate.account_id,
                                 psn_no: candidate.psn_no.clone(),
-                                period,
+                                period: period.to_string(),
+                                value_date: today,
                                 line,
                             });
                             run_month.push(true);
@@ -156,7 +168,8 @@ pub async fn run_monthly_credit(
                             postings.push(CreditPosting {
                                 account_id: candidate.account_id,
                                 psn_no: candidate.psn_no.clone(),
-                                period: back.period,
+                                period: back.period.to_string(),
+                                value_date: today,
                                 line,
                             });
                             run_month.push(false);
@@ -276,4 +289,145 @@ pub async fn interest_rates(gateway: &Gateway, region: &str) -> Outcome<Vec<Inte
     rates.extend(gateway.ledger.interest_rates(region).await?);
     rates.sort_by_key(|r| r.effective_from);
     Ok(rates)
+}
+
+/// What an interest run did, so far or in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterestReport {
+    /// Accounts of the region looked at.
+    pub accounts: u64,
+    /// Accounts paid interest for the period by this run.
+    pub credited: u64,
+    /// Accounts whose period was settled before (a repeated run).
+    pub already_settled: u64,
+    /// Closed accounts (their interest was settled when they closed).
+    pub closed: u64,
+    /// Accounts whose interest rounds to 0.00.
+    pub nothing_due: u64,
+    pub total: Money,
+    /// Where to resume: the last person looked at. `None` once the region is done.
+    pub resume_after: Option<String>,
+}
+
+/// The interest period ending `as_of` for `region`, and each of its days' rate weights.
+pub struct InterestPeriod {
+    pub start: NaiveDate,
+    pub end: NaiveDate,
+    weights: Vec<Decimal>,
+}
+
+impl InterestPeriod {
+    /// Interest on `candidate` for this period (from the day after an earlier settlement within
+    /// it, if any); `None` when it was settled through the period's end already.
+    pub fn interest_for(&self, candidate: &InterestCandidate) -> Option<Money> {
+        let from = match candidate.settled_through {
+            Some(through) if through >= self.end => return None,
+            Some(through) if through >= self.start => through.succ_opt().expect("date in range"),
+            _ => self.start,
+        };
+        let amounts: Vec<(NaiveDate, Money)> =
+            candidate.amounts.iter().map(|&(day, amount)| (day.max(from), amount)).collect();
+        Some(interest::interest(&amounts, &self.weights, self.start))
+    }
+}
+
+/// The period `start..=end` with the region's rates (the file's and the operators').
+pub async fn interest_period(
+    gateway: &Gateway,
+    region: &str,
+    start: NaiveDate,
+    end: NaiveDate,
+) -> Outcome<InterestPeriod> {
+    let policy = gateway.policy(region)?;
+    let rates = interest_rates(gateway, region).await?;
+    let weights = interest::day_weights(&rates, policy.interest.rate_applies, start, end)
+        .map_err(|message| Failure::new(Reason::Internal, format!("region {region}: {message}")))?;
+    Ok(InterestPeriod { start, end, weights })
+}
+
+/// Pays `region`'s accounts the interest of the period that ends on `as_of` (a settlement date of
+/// the region's policy, already over), in chunks like [`run_monthly_credit`]. Each account's
+/// period is paid once, with value date `as_of`; a repeated run pays nothing.
+pub async fn accrue_interest(
+    gateway: &Arc<Gateway>,
+    region: &str,
+    as_of: NaiveDate,
+    resume_after: Option<String>,
+    max_accounts: Option<u64>,
+    mut progress: impl FnMut(&InterestReport) + Send,
+) -> Outcome<InterestReport> {
+    let policy = gateway
+        .policies
+        .region(region)
+        .ok_or_else(|| Failure::invalid("region", format!("{region} has no policy file loaded")))?
+        .clone();
+    let today = gateway.clock.today();
+    if as_of >= today {
+        return Err(Failure::invalid(
+            "as_of",
+            format!("{as_of} is not over yet; interest is paid once the day is over"),
+        ));
+    }
+    let (start, end) = interest::period_ending(policy.interest.settlement, as_of)
+        .map_err(|message| Failure::invalid("as_of", format!("{message} (region {region})")))?;
+    let period = interest_period(gateway, region, start, end).await?;
+    let reference = format!("interest {region} {as_of}");
+    let mut report = InterestReport { resume_after: resume_after.clone(), ..InterestReport::default() };
+    let mut after = resume_after.unwrap_or_default();
+    loop {
+        let Some(limit) = next_chunk(max_accounts, report.accounts) else {
+            return Ok(report);
+        };
+        let candidates = gateway.ledger.interest_candidates(region, start, end, &after, limit, None).await?;
+        let Some(last) = candidates.last() else {
+            report.resume_after = None;
+            return Ok(report);
+        };
+        after = last.psn_no.clone();
+        report.accounts += candidates.len() as u64;
+        report.resume_after = Some(after.clone());
+        let mut postings = Vec::new();
+        for candidate in &candidates {
+            if candidate.account_status == AccountStatus::Closed {
+                report.closed += 1;
+                continue;
+            }
+            match period.interest_for(candidate) {
+                None => report.already_settled += 1,
+                Some(amount) if amount.is_zero() => report.nothing_due += 1,
+                Some(amount) => postings.push(interest_posting(candidate, end, amount)),
+            }
+        }
+        postings.sort_by_key(|p| p.account_id);
+        if !postings.is_empty() {
+            let batch = CreditBatch {
+                postings: postings.clone(),
+                reference: reference.clone(),
+                business_date: today,
+                at: gateway.clock.now(),
+            };
+            let applied = gateway.ledger.apply_credits(batch).await?;
+            for (posting, applied) in postings.iter().zip(&applied.applied) {
+                if *applied {
+                    report.credited += 1;
+                    report.total = report.total.checked_add(posting.line.amount).expect("in range");
+                } else {
+                    report.already_settled += 1;
+                }
+            }
+            apply_to_cache(gateway, &applied.changes).await;
+        }
+        progress(&report);
+    }
+}
+
+/// Interest for an account through `through`, paid with that value date, once.
+pub fn interest_posting(candidate: &InterestCandidate, through: NaiveDate, amount: Money) -> CreditPosting {
+    CreditPosting {
+        account_id: candidate.account_id,
+        psn_no: candidate.psn_no.clone(),
+        period: through.to_string(),
+        value_date: through,
+        line: CreditLine { kind: TxnKind::Interest, amount, counterpart: SystemAccount::InterestExpense },
+    }
 }

@@ -255,6 +255,96 @@ async fn operators_add_interest_rates_but_never_rewrite_one(backend: Backend) {
     assert_eq!(rates, vec!["2015-10-24 0.35".to_string(), "2025-05-20 0.15".to_string()]);
 }
 
+async fn adjust(gw: &TestGateway, psn_no: &str, amount: &str, credit: bool, value_date: &str) {
+    let direction = if credit { pb::AdjustDirection::Credit } else { pb::AdjustDirection::Debit };
+    let request = pb::AdjustRequest {
+        request_id: format!("adj-{psn_no}-{amount}-{value_date}"),
+        psn_no: psn_no.into(),
+        amount: amount.into(),
+        direction: direction as i32,
+        reason: "history for an interest test".into(),
+        value_date: value_date.into(),
+    };
+    gw.admin().adjust(auth(request, OPERATOR_KEY)).await.expect("adjust");
+}
+
+async fn accrue(gw: &TestGateway, region: &str, as_of: &str) -> pb::AccrueInterestResponse {
+    let request = pb::AccrueInterestRequest { region: region.into(), as_of: as_of.into(), ..Default::default() };
+    gw.admin().accrue_interest(auth(request, OPERATOR_KEY)).await.expect("interest run").into_inner()
+}
+
+/// Beijing pays quarterly at 活期 0.35% on the daily product of value-dated balances.
+async fn a_beijing_quarter_is_paid_on_value_dates_once(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    person_born(&gw, "B1", BEIJING, pb::PersonCategory::Employee, "1980-01-01").await;
+    person_born(&gw, "B2", BEIJING, pb::PersonCategory::Employee, "1980-01-01").await;
+    adjust(&gw, "B1", "1000.00", true, "2024-11-03").await;
+    adjust(&gw, "B1", "500.00", true, "2025-02-15").await;
+    adjust(&gw, "B1", "123.45", false, "2025-03-20").await;
+    // Money that counts only from after the quarter.
+    adjust(&gw, "B2", "100000.00", true, "2025-04-01").await;
+    // 1,000.00 × 90 + 500.00 × 45 − 123.45 × 12 = 111,018.60 yuan-days × 0.35% ÷ 360 = 1.0793 → 1.08
+    let q1 = accrue(&gw, BEIJING, "2025-03-31").await;
+    assert_eq!((q1.accounts, q1.credited, q1.nothing_due, q1.total.as_str()), (2, 1, 1, "1.08"));
+    assert_eq!(q1.period_start, "2025-01-01");
+    assert_eq!(gw.balance_of("B1").await, "1377.63");
+    let again = accrue(&gw, BEIJING, "2025-03-31").await;
+    assert_eq!((again.credited, again.already_settled, again.total.as_str()), (0, 1, "0.00"));
+    assert_eq!(gw.balance_of("B1").await, "1377.63");
+    // Q2: 1,377.63 (the interest counts from 31 March) × 91 days × 0.35% ÷ 360 = 1.2188 → 1.22;
+    // 100,000.00 × 91 × 0.35% ÷ 360 = 88.4722 → 88.47.
+    let q2 = accrue(&gw, BEIJING, "2025-06-30").await;
+    assert_eq!((q2.credited, q2.total.as_str()), (2, "89.69"));
+    assert_eq!(gw.balance_of("B1").await, "1378.85");
+    let request = pb::ListEntriesRequest { psn_no: "B1".into(), page_size: 2, ..Default::default() };
+    let newest = gw.account().list_entries(auth(request, OPERATOR_KEY)).await.unwrap().into_inner().entries;
+    let seen: Vec<(pb::EntryKind, &str, &str)> =
+        newest.iter().map(|e| (e.kind(), e.amount.as_str(), e.value_date.as_str())).collect();
+    assert_eq!(
+        seen,
+        vec![(pb::EntryKind::Interest, "1.22", "2025-06-30"), (pb::EntryKind::Interest, "1.08", "2025-03-31")]
+    );
+    for (as_of, why) in [("2025-05-15", "the next is 2025-06-30"), ("2999-03-31", "is not over yet")] {
+        let request = pb::AccrueInterestRequest { region: BEIJING.into(), as_of: as_of.into(), ..Default::default() };
+        let status = assert_refused(
+            gw.admin().accrue_interest(auth(request, OPERATOR_KEY)).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+        assert!(status.message().contains(why), "{status:?}");
+    }
+    gw.assert_quiet_cache_equals_ledger(&["B1".to_string(), "B2".to_string()]).await;
+    gw.assert_books_balance().await;
+}
+
+/// Jilin pays yearly on 31 December, at the rate in force on that day for the whole year (001 §6);
+/// an operator enters a mid-year rate change.
+async fn a_jilin_year_with_a_balance_and_a_rate_change(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    person_born(&gw, "J1", JILIN, pb::PersonCategory::Employee, "1980-01-01").await;
+    adjust(&gw, "J1", "10000.00", true, "2020-01-01").await;
+    adjust(&gw, "J1", "2000.00", true, "2025-07-01").await;
+    // A made-up change of the 3-month rate from 1.10% to 0.90% on 20 May 2025.
+    let rate = pb::SetInterestRateRequest {
+        region: JILIN.into(),
+        effective_from: "2025-05-20".into(),
+        annual_rate_percent: "0.90".into(),
+    };
+    gw.admin().set_interest_rate(auth(rate, OPERATOR_KEY)).await.expect("rate");
+    // (10,000.00 × 365 + 2,000.00 × 184) × 0.90% ÷ 360 = 100.45 (each day at its own rate it would
+    // be 108.17: see domain::interest's tests).
+    let year = accrue(&gw, JILIN, "2025-12-31").await;
+    assert_eq!((year.credited, year.total.as_str(), year.period_start.as_str()), (1, "100.45", "2025-01-01"));
+    assert_eq!(gw.balance_of("J1").await, "12100.45");
+    let quarter = pb::AccrueInterestRequest { region: JILIN.into(), as_of: "2025-09-30".into(), ..Default::default() };
+    assert_refused(
+        gw.admin().accrue_interest(auth(quarter, OPERATOR_KEY)).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    gw.assert_books_balance().await;
+}
+
 /// Runs the `yibao` binary with `args`, on this gateway's ledger (imports) or server (calls).
 fn yibao(gw: &TestGateway, args: &[&str], on_ledger: bool) -> (Option<i32>, String, String) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_yibao"));
@@ -332,6 +422,8 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
 }
 
 on_both_backends!(
+    a_beijing_quarter_is_paid_on_value_dates_once,
+    a_jilin_year_with_a_balance_and_a_rate_change,
     contributions_imported_from_csv_are_credited_by_the_operators_run,
     a_month_is_credited_to_the_fen_by_regional_rules,
     a_missed_month_paid_later_is_credited_by_the_next_run,

@@ -80,8 +80,9 @@ fn reflection_lists_the_services_in_v1_and_v1alpha() {
 fn methods_of_later_issues_answer_unimplemented() {
     run(async {
         let gw = TestGateway::start().await;
-        let request = pb::AccrueInterestRequest { region: BEIJING.into(), as_of: "2026-09-30".into() };
-        let status = gw.admin().accrue_interest(auth(request, OPERATOR_KEY)).await.unwrap_err();
+        let request =
+            pb::TransferOutRequest { request_id: "t1".into(), psn_no: "P1".into(), to_region: "220000".into() };
+        let status = gw.admin().transfer_out(auth(request, OPERATOR_KEY)).await.unwrap_err();
         assert_eq!(status.code(), Code::Unimplemented);
     });
 }

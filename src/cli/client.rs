@@ -293,6 +293,21 @@ pub enum AdminCommand {
     /// Contributions: `import FILE.csv` straight into the ledger.
     #[command(subcommand)]
     Contributions(super::import::ContributionsCommand),
+    /// The interest run of a region for the period ending --as-of (a settlement date that is over),
+    /// in steps with progress, and a summary at the end. Re-runnable: nothing is paid twice.
+    Interest {
+        #[arg(long)]
+        region: String,
+        /// The period's last day, YYYY-MM-DD (Beijing: a quarter end; Jilin: 31 December).
+        #[arg(long)]
+        as_of: String,
+        #[arg(long, default_value_t = 50_000)]
+        step: u64,
+        #[arg(long, default_value = "")]
+        resume_after: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// The monthly crediting run (划入) of a region for a month that is over, in steps of
     /// --step accounts with progress after each, and a summary at the end. Re-runnable: nothing
     /// is credited twice.
@@ -460,6 +475,7 @@ fn connection_of(command: &ClientCommand) -> Option<&Connection> {
             | AdminCommand::Key { connection, .. }
             | AdminCommand::Adjust { connection, .. }
             | AdminCommand::Credit { connection, .. }
+            | AdminCommand::Interest { connection, .. }
             | AdminCommand::ResetPin { connection, .. }
             | AdminCommand::Freeze { connection, .. }
             | AdminCommand::Unfreeze { connection, .. },
@@ -783,6 +799,9 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
         AdminCommand::Credit { region, period, step, resume_after, .. } => {
             credit(client, region, period, step, resume_after).await?
         }
+        AdminCommand::Interest { region, as_of, step, resume_after, .. } => {
+            interest(client, region, as_of, step, resume_after).await?
+        }
         AdminCommand::Import(_) | AdminCommand::Contributions(_) => {
             unreachable!("run() hands imports over before connecting")
         }
@@ -790,55 +809,80 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
     Ok(())
 }
 
-/// Runs RunMonthlyCredit in steps: a progress line after each, the whole run's summary at the end.
-async fn credit(client: &Client, region: String, period: String, step: u64, resume_after: String) -> CallResult {
-    let started = std::time::Instant::now();
-    let mut after = resume_after;
-    let (mut accounts, mut credited, mut already, mut back) = (0u64, 0u64, 0u64, 0u64);
-    let (mut total, mut mutual_aid) = (Money::ZERO, Money::ZERO);
-    let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut back_skipped: std::collections::BTreeMap<String, u64> = Default::default();
+/// Calls `call` with where to resume until an answer says the region is done (its `resume_after`
+/// is empty), handing each answer to `each`; an interrupted run says how to go on.
+async fn in_steps<A>(
+    mut after: String,
+    mut call: impl AsyncFnMut(String) -> Result<A, tonic::Status>,
+    resume_of: fn(&A) -> &str,
+    mut each: impl FnMut(A),
+) -> CallResult {
     loop {
-        let request = pb::RunMonthlyCreditRequest {
-            region: region.clone(),
-            period: period.clone(),
-            resume_after: after.clone(),
-            max_accounts: step.max(1),
-        };
-        let answer = match client.admin().run_monthly_credit(client.request(request)).await {
-            Ok(answer) => answer.into_inner(),
+        let answer = match call(after.clone()).await {
+            Ok(answer) => answer,
             Err(status) => {
                 if !after.is_empty() {
-                    eprintln!("interrupted: nothing after {after} was credited by this run; go on with --resume-after {after}");
+                    eprintln!("interrupted: what came before was done; go on with --resume-after {after}");
                 }
                 return Err(status);
             }
         };
-        accounts += answer.accounts;
-        credited += answer.credited;
-        already += answer.already_credited;
-        back += answer.back_months_credited;
-        total = total.checked_add(Money::parse(&answer.total).unwrap_or_default()).unwrap_or(total);
-        mutual_aid =
-            mutual_aid.checked_add(Money::parse(&answer.mutual_aid_total).unwrap_or_default()).unwrap_or(mutual_aid);
-        for count in answer.skipped_by_reason {
-            *skipped.entry(count.reason).or_default() += count.accounts;
+        let next = resume_of(&answer).to_string();
+        each(answer);
+        if next.is_empty() {
+            return Ok(());
         }
-        for count in answer.back_months_skipped {
-            *back_skipped.entry(count.reason).or_default() += count.accounts;
-        }
-        if answer.accounts > 0 {
-            eprintln!(
+        after = next;
+    }
+}
+
+fn sum_money(total: &mut Money, text: &str) {
+    *total = total.checked_add(Money::parse(text).unwrap_or_default()).unwrap_or(*total);
+}
+
+/// Runs RunMonthlyCredit in steps: a progress line after each, the whole run's summary at the end.
+async fn credit(client: &Client, region: String, period: String, step: u64, resume_after: String) -> CallResult {
+    let started = std::time::Instant::now();
+    let (mut accounts, mut credited, mut already, mut back) = (0u64, 0u64, 0u64, 0u64);
+    let (mut total, mut mutual_aid) = (Money::ZERO, Money::ZERO);
+    let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut back_skipped: std::collections::BTreeMap<String, u64> = Default::default();
+    let call = async |after: String| {
+        let request = pb::RunMonthlyCreditRequest {
+            region: region.clone(),
+            period: period.clone(),
+            resume_after: after,
+            max_accounts: step.max(1),
+        };
+        client.admin().run_monthly_credit(client.request(request)).await.map(|answer| answer.into_inner())
+    };
+    in_steps(
+        resume_after,
+        call,
+        |a| &a.resume_after,
+        |answer| {
+            accounts += answer.accounts;
+            credited += answer.credited;
+            already += answer.already_credited;
+            back += answer.back_months_credited;
+            sum_money(&mut total, &answer.total);
+            sum_money(&mut mutual_aid, &answer.mutual_aid_total);
+            for count in answer.skipped_by_reason {
+                *skipped.entry(count.reason).or_default() += count.accounts;
+            }
+            for count in answer.back_months_skipped {
+                *back_skipped.entry(count.reason).or_default() += count.accounts;
+            }
+            if answer.accounts > 0 {
+                eprintln!(
                 "{region} {period}: {accounts} accounts, {credited} credited, {already} already, {} skipped ({:.0} s)",
                 skipped.values().sum::<u64>(),
                 started.elapsed().as_secs_f64()
             );
-        }
-        if answer.resume_after.is_empty() {
-            break;
-        }
-        after = answer.resume_after;
-    }
+            }
+        },
+    )
+    .await?;
     let list = |map: &std::collections::BTreeMap<String, u64>| {
         if map.is_empty() {
             return "none".to_string();
@@ -852,6 +896,52 @@ async fn credit(client: &Client, region: String, period: String, step: u64, resu
     println!("  back months credited {back}  (paid months not credited: {})", list(&back_skipped));
     println!("  money credited       {total}");
     println!("  mutual aid deducted  {mutual_aid}");
+    Ok(())
+}
+
+/// Runs AccrueInterest in steps, like [`credit`].
+async fn interest(client: &Client, region: String, as_of: String, step: u64, resume_after: String) -> CallResult {
+    let started = std::time::Instant::now();
+    let mut sum = pb::AccrueInterestResponse::default();
+    let mut total = Money::ZERO;
+    let call = async |after: String| {
+        let request = pb::AccrueInterestRequest {
+            region: region.clone(),
+            as_of: as_of.clone(),
+            resume_after: after,
+            max_accounts: step.max(1),
+        };
+        client.admin().accrue_interest(client.request(request)).await.map(|answer| answer.into_inner())
+    };
+    in_steps(
+        resume_after,
+        call,
+        |a| &a.resume_after,
+        |answer| {
+            sum.accounts += answer.accounts;
+            sum.credited += answer.credited;
+            sum.already_settled += answer.already_settled;
+            sum.closed += answer.closed;
+            sum.nothing_due += answer.nothing_due;
+            sum.period_start = answer.period_start;
+            sum_money(&mut total, &answer.total);
+            if answer.accounts > 0 {
+                eprintln!(
+                    "{region} {as_of}: {} accounts, {} paid, {} already ({:.0} s)",
+                    sum.accounts,
+                    sum.credited,
+                    sum.already_settled,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )
+    .await?;
+    println!("interest {region} {}..{as_of} done in {:.1} s", sum.period_start, started.elapsed().as_secs_f64());
+    println!("  accounts looked at   {}", sum.accounts);
+    println!("  paid interest        {}  (paid before: {})", sum.credited, sum.already_settled);
+    println!("  nothing due          {}  (closed: {})", sum.nothing_due, sum.closed);
+    println!("  interest paid        {total}");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod credit;
 pub mod family;
+pub mod interest;
 pub mod money;
 pub mod plan;
 pub mod policy;

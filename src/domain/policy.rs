@@ -61,6 +61,7 @@ struct InterestFile {
     method: InterestMethod,
     rate_kind: RateKind,
     settlement: InterestSettlement,
+    rate_applies: RateApplies,
     rates: Vec<RateFile>,
 }
 
@@ -120,12 +121,22 @@ pub struct InterestRate {
     pub annual_rate_percent: Decimal,
 }
 
+/// Which day's rate a period's interest uses: each day its own (the rate in force that day), or
+/// the rate in force on the settlement day for the whole period (001 §6: 执行结息日…利率).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateApplies {
+    EachDay,
+    SettlementDay,
+}
+
 /// The region's interest rules, validated; `rates` in date order, no two periods overlapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interest {
     pub method: InterestMethod,
     pub rate_kind: RateKind,
     pub settlement: InterestSettlement,
+    pub rate_applies: RateApplies,
     pub rates: Vec<InterestRate>,
 }
 
@@ -457,7 +468,13 @@ impl Interest {
             let annual_rate_percent = percent(&format!("{key}.annual_rate_percent"), &rate.annual_rate_percent)?;
             rates.push(InterestRate { effective_from, annual_rate_percent });
         }
-        Ok(Interest { method: file.method, rate_kind: file.rate_kind, settlement: file.settlement, rates })
+        Ok(Interest {
+            method: file.method,
+            rate_kind: file.rate_kind,
+            settlement: file.settlement,
+            rate_applies: file.rate_applies,
+            rates,
+        })
     }
 }
 

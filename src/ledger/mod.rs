@@ -127,6 +127,18 @@ pub trait Ledger: Send + Sync + 'static {
     /// Applies a crediting batch in one transaction: each line against its counterpart system
     /// account, one ledger transaction per (month, kind, counterpart).
     async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied>;
+    /// Accounts of `region` (in `psn_no` order after `after`, at most `limit`; or only `psn_no`
+    /// when given) with their money by the day it counts from in the interest period
+    /// `start..=end`.
+    async fn interest_candidates(
+        &self,
+        region: &str,
+        start: NaiveDate,
+        end: NaiveDate,
+        after: &str,
+        limit: usize,
+        only: Option<&str>,
+    ) -> LedgerResult<Vec<InterestCandidate>>;
     /// Operator-entered interest rates of a region (`SetInterestRate`), in date order.
     async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>>;
     /// Stores a rate unless one is stored for that date already; then returns the stored one.

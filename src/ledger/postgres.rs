@@ -942,6 +942,46 @@ impl Ledger for PostgresLedger {
             .collect()
     }
 
+    async fn interest_candidates(
+        &self,
+        region: &str,
+        start: NaiveDate,
+        end: NaiveDate,
+        after: &str,
+        limit: usize,
+        only: Option<&str>,
+    ) -> LedgerResult<Vec<InterestCandidate>> {
+        let rows = self
+            .query(
+                "SELECT p.psn_no, a.account_id, a.status,
+                        (SELECT MAX(c.period) FROM credits c WHERE c.account_id = a.account_id AND c.kind = 'INTEREST'),
+                        (SELECT string_agg(d::TEXT || ',' || s::TEXT, ';') FROM (
+                            SELECT GREATEST(t.value_date, $2) AS d, (SUM(po.amount) * 100)::BIGINT AS s
+                              FROM postings po JOIN txns t ON t.txn_id = po.txn_id
+                             WHERE po.account_id = a.account_id AND t.value_date <= $3 GROUP BY 1) x)
+                   FROM persons p JOIN accounts a ON a.psn_no = p.psn_no
+                  WHERE ($6::TEXT IS NULL AND p.region = $1 AND p.psn_no > $4) OR p.psn_no = $6
+                  ORDER BY p.psn_no LIMIT $5",
+                &[&region, &start, &end, &after, &(limit as i64), &only],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let settled: Option<String> = row.get(3);
+                let text: Option<String> = row.get(4);
+                Ok(InterestCandidate {
+                    psn_no: row.get(0),
+                    account_id: row.get(1),
+                    account_status: parse(row.get(2), AccountStatus::parse)?,
+                    settled_through: settled
+                        .map(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").map_err(|_| corrupt("interest period")))
+                        .transpose()?,
+                    amounts: parse_amounts(text.as_deref().unwrap_or("")).ok_or_else(|| corrupt("interest amounts"))?,
+                })
+            })
+            .collect()
+    }
+
     async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied> {
         let count = batch.postings.len();
         let lines = Value::Array(
@@ -951,7 +991,8 @@ impl Ledger for PostgresLedger {
                 .map(|p| {
                     json!({
                         "account_id": p.account_id,
-                        "period": p.period.to_string(),
+                        "period": p.period,
+                        "value_date": p.value_date.to_string(),
                         "kind": p.line.kind.name(),
                         "delta": p.line.delta().to_string(),
                         "counterpart": p.line.counterpart.name(),

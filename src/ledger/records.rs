@@ -602,7 +602,11 @@ pub struct CreditCandidate {
 pub struct CreditPosting {
     pub account_id: AccountId,
     pub psn_no: String,
-    pub period: Period,
+    /// What is credited once: the month (`YYYY-MM`) of a monthly credit or mutual-aid premium, the
+    /// last day (`YYYY-MM-DD`) of an interest period.
+    pub period: String,
+    /// The ledger transaction's value date: from when the money counts for interest.
+    pub value_date: NaiveDate,
     pub line: CreditLine,
 }
 
@@ -623,6 +627,31 @@ pub struct CreditBatch {
 pub struct CreditsApplied {
     pub applied: Vec<bool>,
     pub changes: Vec<BalanceChange>,
+}
+
+/// An account as an interest run sees it: its money by the day it starts to count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterestCandidate {
+    pub psn_no: String,
+    pub account_id: AccountId,
+    pub account_status: AccountStatus,
+    /// The last day interest was settled to before (an earlier run, or a closure mid-period).
+    pub settled_through: Option<NaiveDate>,
+    /// Amounts by the first day of the period they count on: each posting from its value date,
+    /// everything from before the period from its first day. Only value dates up to its end.
+    pub amounts: Vec<(NaiveDate, Money)>,
+}
+
+/// Parses the ledgers' compact form of an interest candidate's amounts: `YYYY-MM-DD,fen` joined
+/// by `;`.
+pub fn parse_amounts(text: &str) -> Option<Vec<(NaiveDate, Money)>> {
+    text.split(';')
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (day, fen) = item.split_once(',')?;
+            Some((NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()?, Money::from_fen(fen.parse().ok()?)))
+        })
+        .collect()
 }
 
 /// Parses the ledgers' compact form of a candidate's contributions:

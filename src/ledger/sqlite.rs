@@ -1401,6 +1401,45 @@ impl Ledger for SqliteLedger {
         .await
     }
 
+    async fn interest_candidates(
+        &self,
+        region: &str,
+        start: NaiveDate,
+        end: NaiveDate,
+        after: &str,
+        limit: usize,
+        only: Option<&str>,
+    ) -> LedgerResult<Vec<InterestCandidate>> {
+        let (region, after, only) = (region.to_string(), after.to_string(), only.map(str::to_string));
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT p.psn_no, a.account_id, a.status,
+                        (SELECT MAX(c.period) FROM credits c WHERE c.account_id = a.account_id AND c.kind = 'INTEREST'),
+                        (SELECT group_concat(d || ',' || s, ';') FROM (
+                            SELECT MAX(t.value_date, ?2) AS d, SUM(po.amount_fen) AS s
+                              FROM postings po JOIN txns t ON t.txn_id = po.txn_id
+                             WHERE po.account_id = a.account_id AND t.value_date <= ?3 GROUP BY 1))
+                   FROM persons p JOIN accounts a ON a.psn_no = p.psn_no
+                  WHERE CASE WHEN ?6 IS NULL THEN p.region = ?1 AND p.psn_no > ?4 ELSE p.psn_no = ?6 END
+                  ORDER BY p.psn_no LIMIT ?5",
+            )?;
+            let rows =
+                statement.query_map(params![region, date(start), date(end), after, limit as i64, only], |row| {
+                    let text: Option<String> = row.get(4)?;
+                    let text = text.unwrap_or_default();
+                    Ok(InterestCandidate {
+                        psn_no: row.get(0)?,
+                        account_id: row.get(1)?,
+                        account_status: col_enum(row, 2, AccountStatus::parse)?,
+                        settled_through: col_opt_date(row, 3)?,
+                        amounts: parse_amounts(&text).ok_or_else(|| bad_column(4, &text))?,
+                    })
+                })?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied> {
         self.write(move |conn, system| apply_credits_sync(conn, system, batch)).await
     }
@@ -1492,8 +1531,8 @@ fn apply_credits_sync(
     let at = ts(batch.at);
     let mut applied = Vec::with_capacity(batch.postings.len());
     let mut changes = Vec::new();
-    // (month, kind, counterpart) → (txn, total of the personal deltas)
-    let mut groups: Vec<((Period, TxnKind, SystemAccount), i64, i64)> = Vec::new();
+    // (period, kind, counterpart) → (txn, total of the personal deltas)
+    let mut groups: Vec<((&str, TxnKind, SystemAccount), i64, i64)> = Vec::new();
     {
         let mut done =
             tx.prepare_cached("SELECT 1 FROM credits WHERE account_id = ?1 AND period = ?2 AND kind = ?3")?;
@@ -1503,7 +1542,7 @@ fn apply_credits_sync(
              RETURNING balance_fen, seq",
         )?;
         let mut new_txn = tx.prepare_cached(
-            "INSERT INTO txns (kind, ref, at, business_date, value_date, memo) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+            "INSERT INTO txns (kind, ref, at, business_date, value_date, memo) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut credit = tx.prepare_cached(
             "INSERT INTO credits (account_id, period, kind, amount_fen, txn_id) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1513,7 +1552,7 @@ fn apply_credits_sync(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         for line in &batch.postings {
-            let period = line.period.to_string();
+            let period = line.period.as_str();
             let kind = line.line.kind;
             if done.exists(params![line.account_id, period, kind.name()])? {
                 applied.push(false);
@@ -1527,14 +1566,21 @@ fn apply_credits_sync(
                 applied.push(false);
                 continue;
             };
-            let key = (line.period, kind, line.line.counterpart);
+            let key = (period, kind, line.line.counterpart);
             let txn_id = match groups.iter_mut().find(|group| group.0 == key) {
                 Some(group) => {
                     group.2 += delta;
                     group.1
                 }
                 None => {
-                    new_txn.execute(params![kind.name(), batch.reference, at, business_date, period])?;
+                    new_txn.execute(params![
+                        kind.name(),
+                        batch.reference,
+                        at,
+                        business_date,
+                        date(line.value_date),
+                        period
+                    ])?;
                     let txn_id = tx.last_insert_rowid();
                     groups.push((key, txn_id, delta));
                     txn_id

@@ -1,5 +1,5 @@
-//! AdminService: operator work. Interest accrual, transfers and liquidation are not built yet and
-//! answer UNIMPLEMENTED.
+//! AdminService: operator work. Transfers and liquidation are not built yet and answer
+//! UNIMPLEMENTED.
 
 use super::convert;
 use super::error::unimplemented;
@@ -20,6 +20,16 @@ impl Services {
         let caller = self.caller(request).await?;
         caller.require(&[Role::Operator])
     }
+}
+
+/// A batch run's step: where to resume (a person number, or from the start) and how many
+/// accounts at most (0: all).
+fn steps(resume_after: &str, max_accounts: u64) -> Result<(Option<String>, Option<u64>), Status> {
+    let resume_after = match resume_after {
+        "" => None,
+        after => Some(convert::psn_no("resume_after", after)?),
+    };
+    Ok((resume_after, (max_accounts > 0).then_some(max_accounts)))
 }
 
 fn person_to_pb(person: &PersonRecord) -> pb::Person {
@@ -134,11 +144,7 @@ impl AdminService for Services {
         let body = request.get_ref();
         let region = convert::region("region", &body.region)?;
         let period = convert::period("period", &body.period)?;
-        let resume_after = match body.resume_after.as_str() {
-            "" => None,
-            after => Some(convert::psn_no("resume_after", after)?),
-        };
-        let max_accounts = (body.max_accounts > 0).then_some(body.max_accounts);
+        let (resume_after, max_accounts) = steps(&body.resume_after, body.max_accounts)?;
         // The run goes on to the end of its chunk if the caller goes away: every chunk commits
         // whole, and a repeated run picks up what is left.
         let gateway = self.gateway.clone();
@@ -174,9 +180,39 @@ impl AdminService for Services {
 
     async fn accrue_interest(
         &self,
-        _: Request<pb::AccrueInterestRequest>,
+        request: Request<pb::AccrueInterestRequest>,
     ) -> Result<Response<pb::AccrueInterestResponse>, Status> {
-        Err(unimplemented("AccrueInterest"))
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let region = convert::region("region", &body.region)?;
+        let as_of = convert::date("as_of", &body.as_of)?;
+        let (resume_after, max_accounts) = steps(&body.resume_after, body.max_accounts)?;
+        let gateway = self.gateway.clone();
+        // As a crediting run: chunks commit whole whether or not the caller waits.
+        let run = tokio::spawn(async move {
+            crediting::accrue_interest(&gateway, &region, as_of, resume_after, max_accounts, |report| {
+                tracing::info!(
+                    %region, %as_of, accounts = report.accounts, credited = report.credited,
+                    already = report.already_settled, total = %report.total, "interest progress"
+                );
+            })
+            .await
+        });
+        let report = run.await.map_err(|_| Failure::new(Reason::Internal, "the interest run failed"))??;
+        let policy = self.gateway.policy(&body.region)?;
+        let start = crate::domain::interest::period_ending(policy.interest.settlement, as_of)
+            .map(|(start, _)| start.to_string())
+            .unwrap_or_default();
+        Ok(Response::new(pb::AccrueInterestResponse {
+            accounts: report.accounts,
+            total: report.total.to_string(),
+            credited: report.credited,
+            already_settled: report.already_settled,
+            closed: report.closed,
+            nothing_due: report.nothing_due,
+            resume_after: report.resume_after.unwrap_or_default(),
+            period_start: start,
+        }))
     }
 
     async fn set_interest_rate(

@@ -774,8 +774,8 @@ CREATE TABLE IF NOT EXISTS interest_rates (
     PRIMARY KEY (region, effective_from)
 );
 
--- A crediting batch (apply_credits): p_lines is a JSON array of {account_id, period, kind, delta,
--- counterpart}, in order. A line already credited (same account, month, kind) or on a closed
+-- A crediting batch (apply_credits): p_lines is a JSON array of {account_id, period, value_date,
+-- kind, delta, counterpart}, in order. A line already credited (same account, month, kind) or on a closed
 -- account is skipped; the others post on the personal account and, per (month, kind,
 -- counterpart), one transaction whose counterpart posting takes the group's total. Returns
 -- {applied: [bool…], accounts: […], balances: […], seqs: […]}: every personal posting's state
@@ -798,7 +798,7 @@ DECLARE
     v_post RECORD;
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_lines)
-             AS l(account_id BIGINT, period TEXT, kind TEXT, delta NUMERIC, counterpart TEXT, psn_no TEXT)
+             AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT)
     LOOP
         PERFORM 1 FROM credits WHERE account_id = r.account_id AND period = r.period AND kind = r.kind;
         IF FOUND THEN
@@ -809,7 +809,7 @@ BEGIN
         v_txn := (v_txns->>v_key)::BIGINT;
         IF v_txn IS NULL THEN
             INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
-            VALUES (r.kind, p_ref, p_at, p_date, p_date, r.period) RETURNING txn_id INTO v_txn;
+            VALUES (r.kind, p_ref, p_at, p_date, r.value_date, r.period) RETURNING txn_id INTO v_txn;
             v_txns := v_txns || jsonb_build_object(v_key, v_txn);
             v_totals := v_totals || jsonb_build_object(v_key, 0);
         END IF;
