@@ -32,6 +32,10 @@ pub enum Reason {
     FamilyRelationNotAllowed,
     NotRegisteredFamily,
     AlreadyExists,
+    /// The person's insurance is terminated (death, emigration, …): no payments, no transfers.
+    PersonTerminated,
+    /// Liquidation is only for a person whose insurance is terminated.
+    PersonNotTerminated,
     BackendUnavailable,
     /// Too many payments in flight: refused at once, safe to retry.
     Overloaded,
@@ -65,6 +69,8 @@ impl Reason {
             Reason::FamilyRelationNotAllowed => "FAMILY_RELATION_NOT_ALLOWED",
             Reason::NotRegisteredFamily => "NOT_REGISTERED_FAMILY",
             Reason::AlreadyExists => "ALREADY_EXISTS",
+            Reason::PersonTerminated => "PERSON_TERMINATED",
+            Reason::PersonNotTerminated => "PERSON_NOT_TERMINATED",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::Overloaded => "OVERLOADED",
             Reason::Internal => "INTERNAL",

@@ -20,6 +20,7 @@ pub mod error;
 pub mod gateway;
 pub mod import;
 pub mod ledger;
+pub mod lifecycle;
 pub mod loadgen;
 pub mod pin;
 pub mod rpc;

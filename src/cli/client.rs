@@ -308,6 +308,43 @@ pub enum AdminCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Transfer the whole balance out to another region and close the account (interest up to the
+    /// day before is paid first).
+    TransferOut {
+        #[arg(long)]
+        psn_no: String,
+        #[arg(long)]
+        to_region: String,
+        /// Default: a fresh one (give the same id to retry safely).
+        #[arg(long)]
+        request_id: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Merge money transferred in from another region into the person's account (opened if need be).
+    TransferIn {
+        #[arg(long)]
+        psn_no: String,
+        #[arg(long)]
+        from_region: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        request_id: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// After termination: pay the whole balance out once (清算) and close the account.
+    Liquidate {
+        #[arg(long)]
+        psn_no: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        request_id: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// The monthly crediting run (划入) of a region for a month that is over, in steps of
     /// --step accounts with progress after each, and a summary at the end. Re-runnable: nothing
     /// is credited twice.
@@ -476,6 +513,9 @@ fn connection_of(command: &ClientCommand) -> Option<&Connection> {
             | AdminCommand::Adjust { connection, .. }
             | AdminCommand::Credit { connection, .. }
             | AdminCommand::Interest { connection, .. }
+            | AdminCommand::TransferOut { connection, .. }
+            | AdminCommand::TransferIn { connection, .. }
+            | AdminCommand::Liquidate { connection, .. }
             | AdminCommand::ResetPin { connection, .. }
             | AdminCommand::Freeze { connection, .. }
             | AdminCommand::Unfreeze { connection, .. },
@@ -802,6 +842,24 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
         AdminCommand::Interest { region, as_of, step, resume_after, .. } => {
             interest(client, region, as_of, step, resume_after).await?
         }
+        AdminCommand::TransferOut { psn_no, to_region, request_id, .. } => {
+            let request_id = request_id.unwrap_or_else(|| fresh_request_id("cli-transfer-out"));
+            let request = pb::TransferOutRequest { request_id, psn_no, to_region };
+            print_lifecycle(
+                "transferred out",
+                &client.admin().transfer_out(client.request(request)).await?.into_inner(),
+            );
+        }
+        AdminCommand::TransferIn { psn_no, from_region, amount, request_id, .. } => {
+            let request_id = request_id.unwrap_or_else(|| fresh_request_id("cli-transfer-in"));
+            let request = pb::TransferInRequest { request_id, psn_no, from_region, amount };
+            print_lifecycle("transferred in", &client.admin().transfer_in(client.request(request)).await?.into_inner());
+        }
+        AdminCommand::Liquidate { psn_no, reason, request_id, .. } => {
+            let request_id = request_id.unwrap_or_else(|| fresh_request_id("cli-liquidate"));
+            let request = pb::LiquidateRequest { request_id, psn_no, reason };
+            print_lifecycle("paid out", &client.admin().liquidate(client.request(request)).await?.into_inner());
+        }
         AdminCommand::Import(_) | AdminCommand::Contributions(_) => {
             unreachable!("run() hands imports over before connecting")
         }
@@ -979,6 +1037,14 @@ fn print_balance(b: &pb::Balance) {
         b.no_pin_tier,
         if b.pin_set { "set" } else { "not set" },
         if b.pin_locked { " (locked)" } else { "" }
+    );
+}
+
+fn print_lifecycle(what: &str, answer: &pb::LifecycleResponse) {
+    let status = name_of(answer.account_status().as_str_name(), "ACCOUNT_STATUS_");
+    println!(
+        "{}: {what} {} (interest paid first: {}); account {status}",
+        answer.psn_no, answer.amount, answer.interest
     );
 }
 

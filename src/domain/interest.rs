@@ -88,6 +88,41 @@ pub fn interest(amounts: &[(NaiveDate, Money)], weights: &[Decimal], start: Naiv
     Money::from_decimal_half_up(interest)
 }
 
+/// The settlement period that `day` falls in.
+pub fn period_containing(settlement: InterestSettlement, day: NaiveDate) -> (NaiveDate, NaiveDate) {
+    let mut end = day;
+    loop {
+        if let Ok(period) = period_ending(settlement, end) {
+            return period;
+        }
+        end = end.succ_opt().expect("date in range");
+    }
+}
+
+/// Interest from `from` through `through` when an account closes mid-period (001 §6: 在办理停退保时
+/// 同步计息结算): each settlement period on the way on its own, the last one cut at `through` (and,
+/// for [`RateApplies::SettlementDay`], at the rate in force on `through`), each rounded half-up.
+pub fn interest_between(
+    amounts: &[(NaiveDate, Money)],
+    rates: &[InterestRate],
+    applies: RateApplies,
+    settlement: InterestSettlement,
+    from: NaiveDate,
+    through: NaiveDate,
+) -> Result<Money, String> {
+    let mut total = Money::ZERO;
+    let mut start = from;
+    while start <= through {
+        let end = period_containing(settlement, start).1.min(through);
+        let weights = day_weights(rates, applies, start, end)?;
+        let counted: Vec<(NaiveDate, Money)> =
+            amounts.iter().filter(|(day, _)| *day <= end).map(|&(day, amount)| (day.max(start), amount)).collect();
+        total = total.checked_add(interest(&counted, &weights, start)).expect("interest in range");
+        start = end.succ_opt().expect("date in range");
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +206,39 @@ mod tests {
         let weights = day_weights(&rates, RateApplies::EachDay, start, start).unwrap();
         assert_eq!(interest(&[(start, money("1500.00"))], &weights, start).to_string(), "0.02");
         assert_eq!(interest(&[(start, money("1499.00"))], &weights, start).to_string(), "0.01");
+    }
+
+    /// Jilin, a transfer out on 15 September 2025: interest from 1 January through 14 September
+    /// (257 days) at the rate in force on the 14th (0.90% after a made-up change on 20 May):
+    /// 10,000.00 × 257 × 0.90% ÷ 360 = 64.25; 2,000.00 more from 1 July (76 days) adds 3.80.
+    #[test]
+    fn a_mid_year_closure_settles_interest_to_the_day_before() {
+        let rates = [rate("2015-10-24", "1.10"), rate("2025-05-20", "0.90")];
+        let amounts = [(day("2025-01-01"), money("10000.00")), (day("2025-07-01"), money("2000.00"))];
+        let through = day("2025-09-14");
+        assert_eq!(period_containing(InterestSettlement::Yearly, through), (day("2025-01-01"), day("2025-12-31")));
+        let paid = interest_between(
+            &amounts,
+            &rates,
+            RateApplies::SettlementDay,
+            InterestSettlement::Yearly,
+            day("2025-01-01"),
+            through,
+        );
+        assert_eq!(paid.unwrap().to_string(), "68.05");
+        // Beijing, quarterly, an account never paid interest closing on 3 April: Q1 whole, then
+        // 1–2 April. 1,000.00 × 90 × 0.35% ÷ 360 = 0.875 → 0.88; × 2 days = 0.0194… → 0.02.
+        let rates = [rate("2015-10-24", "0.35")];
+        let amounts = [(day("2025-01-01"), money("1000.00"))];
+        let paid = interest_between(
+            &amounts,
+            &rates,
+            RateApplies::EachDay,
+            InterestSettlement::Quarterly,
+            day("2025-01-01"),
+            day("2025-04-02"),
+        );
+        assert_eq!(paid.unwrap().to_string(), "0.90");
     }
 
     #[test]

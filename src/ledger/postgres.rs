@@ -271,6 +271,19 @@ fn adjustment_from_json(value: &Value) -> LedgerResult<AdjustmentRecord> {
     })
 }
 
+fn lifecycle_from_json(value: &Value) -> LedgerResult<LifecycleRecord> {
+    Ok(LifecycleRecord {
+        request_id: j_str(value, "request_id")?,
+        fingerprint: j_str(value, "fingerprint")?,
+        kind: parse(&j_str(value, "kind")?, LifecycleKind::parse)?,
+        psn_no: j_str(value, "psn_no")?,
+        amount: j_money(value, "amount")?,
+        interest: j_money(value, "interest")?,
+        account_status: parse(&j_str(value, "status_after")?, AccountStatus::parse)?,
+        at: j_time(value, "at_us")?,
+    })
+}
+
 fn changes_from_json(value: &Value) -> LedgerResult<Vec<BalanceChange>> {
     j_items(value, "changes")?
         .iter()
@@ -308,6 +321,7 @@ fn outcome_from_answer(value: &Value) -> LedgerResult<WriteResult> {
             },
             "NO_PIN_DAILY_EXCEEDED" => WriteDecline::NoPinDailyExceeded { used: j_money(value, "used")? },
             "REQUEST_ID_REUSED" => WriteDecline::RequestIdReused,
+            "NO_ACCOUNT" => WriteDecline::NoAccount,
             // A deadlock or a race with another gateway: nothing applied; the caller may retry.
             "HOLD_EXPIRED" | "RETRY" => WriteDecline::HoldExpired,
             other => return Err(corrupt(other)),
@@ -330,6 +344,10 @@ fn outcome_from_answer(value: &Value) -> LedgerResult<WriteResult> {
             WriteOutcome::Adjusted { record: adjustment_from_json(record)?, changes: changes_from_json(value)? }
         }
         Some("adjustment_exists") => WriteOutcome::AdjustmentExists(adjustment_from_json(record)?),
+        Some("lifecycle") => {
+            WriteOutcome::Lifecycle { record: lifecycle_from_json(record)?, changes: changes_from_json(value)? }
+        }
+        Some("lifecycle_exists") => WriteOutcome::LifecycleExists(lifecycle_from_json(record)?),
         _ => return Err(corrupt("outcome")),
     }))
 }
@@ -363,6 +381,13 @@ fn write_to_json(write: &LedgerWrite) -> Value {
             "fingerprint": a.fingerprint, "psn_no": a.psn_no, "account_id": a.account_id, "delta": a.delta.to_string(),
             "reason": a.reason, "value_date": day(a.value_date), "business_date": day(a.business_date), "at": at(a.at),
         }),
+        LedgerWrite::Lifecycle(l) => json!({
+            "kind": "lifecycle", "lifecycle": l.kind.name(), "request_id": l.request_id, "fingerprint": l.fingerprint,
+            "psn_no": l.psn_no, "amount": l.amount.map(|m| m.to_string()), "open_account": l.open_account,
+            "interest_through": l.interest.map(|(through, _)| day(through)),
+            "interest": l.interest.map(|(_, amount)| amount.to_string()), "memo": l.memo,
+            "business_date": day(l.business_date), "at": at(l.at),
+        }),
     }
 }
 
@@ -385,6 +410,7 @@ const USABLE_SOURCES: &str =
      FROM family_links l
      JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
      JOIN accounts a ON a.psn_no = l.owner_psn_no
+     JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
      WHERE l.member_psn_no = $1 AND l.revoked_at IS NULL
      ORDER BY o.position, l.link_id";
 
@@ -409,6 +435,7 @@ const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.
           FROM family_links l
           JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
           JOIN accounts fa ON fa.psn_no = l.owner_psn_no
+          JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
          WHERE l.member_psn_no = p.psn_no AND l.revoked_at IS NULL) f ON TRUE
      WHERE p.psn_no = $1";
 

@@ -4,7 +4,7 @@ use crate::domain::credit::{Contribution, CreditLine, Period, Subject};
 use crate::domain::family::Party;
 use crate::domain::{
     AccountStatus, AuthMethod, CardStatus, Category, Channel, InstitutionKind, InsuranceStatus, Money, PersonCategory,
-    Relation, Role, SettlementStatus, TxnKind,
+    Relation, Role, SettlementStatus, SystemAccount, TxnKind,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use std::sync::Arc;
@@ -276,6 +276,74 @@ pub struct AdjustmentRecord {
     pub at: DateTime<Utc>,
 }
 
+/// An account's life event (DESIGN §1 Lifecycle): the whole balance out to another region
+/// (转移), the whole balance paid out once after termination (清算 / 一次性支取), or money coming in
+/// from another region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleKind {
+    TransferOut,
+    Liquidation,
+    TransferIn,
+}
+
+impl LifecycleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LifecycleKind::TransferOut => "TRANSFER_OUT",
+            LifecycleKind::Liquidation => "LIQUIDATION",
+            LifecycleKind::TransferIn => "TRANSFER_IN",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<LifecycleKind> {
+        [LifecycleKind::TransferOut, LifecycleKind::Liquidation, LifecycleKind::TransferIn]
+            .into_iter()
+            .find(|kind| kind.name() == text)
+    }
+
+    /// The ledger transaction it writes, and the system account on the other side.
+    pub fn txn(self) -> (TxnKind, SystemAccount) {
+        match self {
+            LifecycleKind::TransferOut => (TxnKind::TransferOut, SystemAccount::TransferClearing),
+            LifecycleKind::Liquidation => (TxnKind::Withdrawal, SystemAccount::WithdrawalsPayable),
+            LifecycleKind::TransferIn => (TxnKind::TransferIn, SystemAccount::TransferClearing),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLifecycle {
+    pub request_id: String,
+    /// Digest of the request's content: a replay must match it.
+    pub fingerprint: String,
+    pub kind: LifecycleKind,
+    pub psn_no: String,
+    /// TransferIn: the money coming in. Out: none (the whole balance at commit).
+    pub amount: Option<Money>,
+    /// Out: interest up to the day before, paid first: (the last day it covers, amount).
+    pub interest: Option<(NaiveDate, Money)>,
+    /// TransferIn for a person without an account: open one (their category gets one).
+    pub open_account: bool,
+    /// The other region, or the liquidation's reason.
+    pub memo: String,
+    pub business_date: NaiveDate,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleRecord {
+    pub request_id: String,
+    pub fingerprint: String,
+    pub kind: LifecycleKind,
+    pub psn_no: String,
+    /// What moved: out of the account (transfer out, liquidation) or into it (transfer in).
+    pub amount: Money,
+    /// Interest paid first (out only).
+    pub interest: Money,
+    pub account_status: AccountStatus,
+    pub at: DateTime<Utc>,
+}
+
 /// A write that moves money, committed through [`super::Ledger::commit_batch`].
 #[derive(Debug, Clone)]
 pub enum LedgerWrite {
@@ -283,6 +351,7 @@ pub enum LedgerWrite {
     Refund(NewRefund),
     Reverse(ReverseCommand),
     Adjust(NewAdjustment),
+    Lifecycle(NewLifecycle),
 }
 
 /// A personal account's balance after a committed write, for the cache.
@@ -316,6 +385,11 @@ pub enum WriteOutcome {
         changes: Vec<BalanceChange>,
     },
     AdjustmentExists(AdjustmentRecord),
+    Lifecycle {
+        record: LifecycleRecord,
+        changes: Vec<BalanceChange>,
+    },
+    LifecycleExists(LifecycleRecord),
 }
 
 /// Why the ledger refused one write. Nothing of it was applied.
@@ -342,6 +416,8 @@ pub enum WriteDecline {
     RequestIdReused,
     /// The write arrived after its holds' lease ended; nothing was applied.
     HoldExpired,
+    /// The person has no personal account (and none is to be opened).
+    NoAccount,
 }
 
 pub type WriteResult = Result<WriteOutcome, WriteDecline>;

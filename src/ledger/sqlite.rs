@@ -305,6 +305,26 @@ fn load_refund(conn: &Connection, institution_code: &str, request_id: &str) -> S
     Ok(Some(record))
 }
 
+fn load_lifecycle(conn: &Connection, request_id: &str) -> Sql<Option<LifecycleRecord>> {
+    conn.prepare_cached(
+        "SELECT request_id, fingerprint, kind, psn_no, amount_fen, interest_fen, status_after, at
+           FROM lifecycle_ops WHERE request_id = ?1",
+    )?
+    .query_row([request_id], |row| {
+        Ok(LifecycleRecord {
+            request_id: row.get(0)?,
+            fingerprint: row.get(1)?,
+            kind: col_enum(row, 2, LifecycleKind::parse)?,
+            psn_no: row.get(3)?,
+            amount: col_money(row, 4)?,
+            interest: col_money(row, 5)?,
+            account_status: col_enum(row, 6, AccountStatus::parse)?,
+            at: col_ts(row, 7)?,
+        })
+    })
+    .optional()
+}
+
 fn load_adjustment(conn: &Connection, request_id: &str) -> Sql<Option<AdjustmentRecord>> {
     conn.prepare_cached(
         "SELECT request_id, fingerprint, psn_no, posting_id, delta_fen, balance_after_fen, at FROM adjustments WHERE request_id = ?1",
@@ -340,6 +360,7 @@ fn usable_sources(conn: &Connection, member: &str) -> Sql<Vec<FamilySource>> {
          FROM family_links l
          JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
          JOIN accounts a ON a.psn_no = l.owner_psn_no
+         JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
          WHERE l.member_psn_no = ?1 AND l.revoked_at IS NULL
          ORDER BY o.position, l.link_id",
     )?
@@ -400,7 +421,8 @@ impl Writer<'_, '_> {
     }
 
     /// Applies one posting: moves the account's balance (the CHECK refuses a negative personal
-    /// balance; a debit needs an OPEN account) and appends the posting row.
+    /// balance; a debit needs an OPEN account, and a CLOSED one takes nothing) and appends the
+    /// posting row.
     fn post(
         &self,
         txn_id: i64,
@@ -411,7 +433,8 @@ impl Writer<'_, '_> {
             .tx
             .prepare_cached(
                 "UPDATE accounts SET balance_fen = balance_fen + ?1, seq = seq + 1
-                 WHERE account_id = ?2 AND (?1 >= 0 OR system_code IS NOT NULL OR status = 'OPEN')
+                 WHERE account_id = ?2
+                   AND (system_code IS NOT NULL OR (status <> 'CLOSED' AND (?1 >= 0 OR status = 'OPEN')))
                  RETURNING balance_fen, seq",
             )?
             .query_row(params![posting.delta.to_fen(), posting.account_id], |row| {
@@ -842,8 +865,130 @@ impl Writer<'_, '_> {
         Ok(Ok(WriteOutcome::Adjusted { record, changes: vec![change] }))
     }
 
+    /// A transfer out or liquidation (interest first, then the whole balance out, the account
+    /// closed), or a transfer in (the account opened or reopened if need be).
+    fn lifecycle(&self, new: NewLifecycle) -> Applied {
+        if let Some(existing) = load_lifecycle(self.tx, &new.request_id)? {
+            return Ok(Ok(WriteOutcome::LifecycleExists(existing)));
+        }
+        let account = self
+            .tx
+            .prepare_cached("SELECT account_id, status FROM accounts WHERE psn_no = ?1")?
+            .query_row([&new.psn_no], |row| Ok((row.get::<_, AccountId>(0)?, col_enum(row, 1, AccountStatus::parse)?)))
+            .optional()?;
+        let incoming = new.kind == LifecycleKind::TransferIn;
+        let account_id = match account {
+            None if incoming && new.open_account => {
+                self.tx
+                    .prepare_cached("INSERT INTO accounts (psn_no, status, opened_at) VALUES (?1, 'OPEN', ?2)")?
+                    .execute(params![new.psn_no, ts(new.at)])?;
+                self.tx.last_insert_rowid()
+            }
+            None => return Ok(Err(WriteDecline::NoAccount)),
+            Some((id, AccountStatus::Closed)) if incoming => {
+                self.tx.prepare_cached("UPDATE accounts SET status = 'OPEN' WHERE account_id = ?1")?.execute([id])?;
+                id
+            }
+            Some((id, status)) if !incoming && status != AccountStatus::Open => {
+                return Ok(Err(WriteDecline::AccountNotOpen { account_id: id, status }))
+            }
+            Some((id, _)) => id,
+        };
+        let mut changes = Vec::new();
+        let mut interest = Money::ZERO;
+        if let Some((through, amount)) = new.interest.filter(|(_, amount)| !amount.is_zero()) {
+            let period = through.to_string();
+            let paid_before = self
+                .tx
+                .prepare_cached("SELECT 1 FROM credits WHERE account_id = ?1 AND period = ?2 AND kind = 'INTEREST'")?
+                .exists(params![account_id, period])?;
+            if !paid_before {
+                let txn_id =
+                    self.new_txn(TxnKind::Interest, &new.request_id, new.business_date, through, new.at, &period)?;
+                let mine = Posting {
+                    account_id,
+                    delta: amount,
+                    family_use: false,
+                    setl_id: "",
+                    counterparty: SystemAccount::InterestExpense.name(),
+                };
+                match self.post(txn_id, new.business_date, &mine)? {
+                    Ok((change, _)) => changes.push(change),
+                    Err(decline) => return Ok(Err(decline)),
+                }
+                let other = self.system_posting(SystemAccount::InterestExpense, amount.negated(), "", &new.psn_no);
+                if let Err(decline) = self.post(txn_id, new.business_date, &other)? {
+                    return Ok(Err(decline));
+                }
+                self.close_txn(txn_id)?;
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO credits (account_id, period, kind, amount_fen, txn_id) VALUES (?1, ?2, 'INTEREST', ?3, ?4)",
+                    )?
+                    .execute(params![account_id, period, amount.to_fen(), txn_id])?;
+                interest = amount;
+            }
+        }
+        let amount = match new.amount {
+            Some(amount) if incoming => amount,
+            _ => self
+                .tx
+                .prepare_cached("SELECT balance_fen FROM accounts WHERE account_id = ?1")?
+                .query_row([account_id], |row| col_money(row, 0))?,
+        };
+        if !amount.is_zero() {
+            let (kind, counterpart) = new.kind.txn();
+            let delta = if incoming { amount } else { amount.negated() };
+            let txn_id =
+                self.new_txn(kind, &new.request_id, new.business_date, new.business_date, new.at, &new.memo)?;
+            let mine = Posting { account_id, delta, family_use: false, setl_id: "", counterparty: counterpart.name() };
+            match self.post(txn_id, new.business_date, &mine)? {
+                Ok((change, _)) => changes.push(change),
+                Err(decline) => return Ok(Err(decline)),
+            }
+            let other = self.system_posting(counterpart, delta.negated(), "", &new.psn_no);
+            if let Err(decline) = self.post(txn_id, new.business_date, &other)? {
+                return Ok(Err(decline));
+            }
+            self.close_txn(txn_id)?;
+        }
+        let status = if incoming { AccountStatus::Open } else { AccountStatus::Closed };
+        if !incoming {
+            self.tx
+                .prepare_cached("UPDATE accounts SET status = 'CLOSED' WHERE account_id = ?1")?
+                .execute([account_id])?;
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT INTO lifecycle_ops (request_id, fingerprint, kind, psn_no, amount_fen, interest_fen, status_after, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                new.request_id,
+                new.fingerprint,
+                new.kind.name(),
+                new.psn_no,
+                amount.to_fen(),
+                interest.to_fen(),
+                status.name(),
+                ts(new.at)
+            ])?;
+        let record = LifecycleRecord {
+            request_id: new.request_id,
+            fingerprint: new.fingerprint,
+            kind: new.kind,
+            psn_no: new.psn_no,
+            amount,
+            interest,
+            account_status: status,
+            at: new.at,
+        };
+        Ok(Ok(WriteOutcome::Lifecycle { record, changes: last_changes(changes) }))
+    }
+
     fn apply(&self, write: LedgerWrite) -> Applied {
         match write {
+            LedgerWrite::Lifecycle(new) => self.lifecycle(new),
             LedgerWrite::Settle(new) => self.settle(new),
             LedgerWrite::Refund(new) => self.refund(new),
             LedgerWrite::Reverse(command) => self.reverse(command),

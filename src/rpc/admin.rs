@@ -1,8 +1,6 @@
-//! AdminService: operator work. Transfers and liquidation are not built yet and answer
-//! UNIMPLEMENTED.
+//! AdminService: operator work.
 
 use super::convert;
-use super::error::unimplemented;
 use super::pb::{self, admin_service_server::AdminService};
 use super::Services;
 use crate::admin::{self, AdjustCommand};
@@ -11,7 +9,8 @@ use crate::domain::credit::Skip;
 use crate::domain::{AccountStatus, Role};
 use crate::error::Outcome;
 use crate::error::{Failure, Reason};
-use crate::ledger::{PersonRecord, PersonUpsert};
+use crate::ledger::{LifecycleRecord, PersonRecord, PersonUpsert};
+use crate::lifecycle;
 use crate::pin::Secret;
 use tonic::{Request, Response, Status};
 
@@ -30,6 +29,16 @@ fn steps(resume_after: &str, max_accounts: u64) -> Result<(Option<String>, Optio
         after => Some(convert::psn_no("resume_after", after)?),
     };
     Ok((resume_after, (max_accounts > 0).then_some(max_accounts)))
+}
+
+fn lifecycle_to_pb(record: &LifecycleRecord) -> pb::LifecycleResponse {
+    pb::LifecycleResponse {
+        psn_no: record.psn_no.clone(),
+        amount: record.amount.to_string(),
+        account_status: convert::account_status_to_pb(Some(record.account_status)) as i32,
+        at: convert::timestamp(record.at),
+        interest: record.interest.to_string(),
+    }
 }
 
 fn person_to_pb(person: &PersonRecord) -> pb::Person {
@@ -231,17 +240,40 @@ impl AdminService for Services {
 
     async fn transfer_out(
         &self,
-        _: Request<pb::TransferOutRequest>,
+        request: Request<pb::TransferOutRequest>,
     ) -> Result<Response<pb::LifecycleResponse>, Status> {
-        Err(unimplemented("TransferOut"))
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let request_id = convert::request_id("request_id", &body.request_id)?;
+        let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
+        let record = lifecycle::transfer_out(&self.gateway, &request_id, &psn_no, &body.to_region).await?;
+        Ok(Response::new(lifecycle_to_pb(&record)))
     }
 
-    async fn transfer_in(&self, _: Request<pb::TransferInRequest>) -> Result<Response<pb::LifecycleResponse>, Status> {
-        Err(unimplemented("TransferIn"))
+    async fn transfer_in(
+        &self,
+        request: Request<pb::TransferInRequest>,
+    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let request_id = convert::request_id("request_id", &body.request_id)?;
+        let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
+        let amount = convert::money("amount", &body.amount)?;
+        let record = lifecycle::transfer_in(&self.gateway, &request_id, &psn_no, &body.from_region, amount).await?;
+        Ok(Response::new(lifecycle_to_pb(&record)))
     }
 
-    async fn liquidate(&self, _: Request<pb::LiquidateRequest>) -> Result<Response<pb::LifecycleResponse>, Status> {
-        Err(unimplemented("Liquidate"))
+    async fn liquidate(
+        &self,
+        request: Request<pb::LiquidateRequest>,
+    ) -> Result<Response<pb::LifecycleResponse>, Status> {
+        self.operator(&request).await?;
+        let body = request.get_ref();
+        let request_id = convert::request_id("request_id", &body.request_id)?;
+        let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
+        let reason = convert::text("reason", &body.reason, true)?;
+        let record = lifecycle::liquidate(&self.gateway, &request_id, &psn_no, &reason).await?;
+        Ok(Response::new(lifecycle_to_pb(&record)))
     }
 
     async fn reset_pin(&self, request: Request<pb::ResetPinRequest>) -> Result<Response<pb::ResetPinResponse>, Status> {

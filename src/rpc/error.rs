@@ -30,7 +30,9 @@ pub fn code(reason: Reason) -> Code {
         | Reason::OriginalReversed
         | Reason::RefundExceedsPaid
         | Reason::FamilyRelationNotAllowed
-        | Reason::NotRegisteredFamily => Code::FailedPrecondition,
+        | Reason::NotRegisteredFamily
+        | Reason::PersonTerminated
+        | Reason::PersonNotTerminated => Code::FailedPrecondition,
     }
 }
 

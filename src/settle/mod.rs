@@ -275,6 +275,12 @@ fn sources(
     today: chrono::NaiveDate,
 ) -> Outcome<Vec<Source>> {
     let person = &context.person;
+    if person.status == InsuranceStatus::Terminated {
+        return Err(Failure::new(
+            Reason::PersonTerminated,
+            "the payer's insurance is terminated; the account no longer pays (its balance is liquidated)",
+        ));
+    }
     let mut sources = Vec::new();
     if let Some(account) = &person.account {
         match account.status {
@@ -285,8 +291,9 @@ fn sources(
             AccountStatus::Closed => return Err(Failure::new(Reason::AccountClosed, "the payer's account is closed")),
         }
     }
-    // Premiums come from the payer's own account only; REMOVED and TERMINATED people no longer
-    // draw on family accounts (000 §14, 002 Q14).
+    // Premiums come from the payer's own account only; REMOVED people no longer draw on family
+    // accounts (000 §14, 002 Q14), and nobody draws on a REMOVED or TERMINATED owner's account
+    // (the ledger leaves those owners out of the family sources).
     let family_allowed = !command.self_only
         && command.category != Category::Premium
         && matches!(person.status, InsuranceStatus::Active | InsuranceStatus::Suspended)

@@ -203,7 +203,7 @@ pub fn decline_failure(decline: WriteDecline) -> Failure {
             crate::domain::AccountStatus::Frozen => {
                 Failure::new(Reason::AccountFrozen, "an account to debit is frozen")
             }
-            _ => Failure::new(Reason::AccountClosed, "an account to debit is closed"),
+            _ => Failure::new(Reason::AccountClosed, "an account to post to is closed"),
         },
         WriteDecline::NoPinDailyExceeded { .. } => {
             Failure::new(Reason::PinRequired, "the no-PIN daily ceiling is reached; this payment needs the PIN")
@@ -215,5 +215,6 @@ pub fn decline_failure(decline: WriteDecline) -> Failure {
             Reason::BackendUnavailable,
             "the ledger was too slow to commit in time; nothing was paid, retry",
         ),
+        WriteDecline::NoAccount => Failure::new(Reason::NoAccount, "this person has no personal account"),
     }
 }

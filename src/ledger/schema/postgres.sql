@@ -220,8 +220,8 @@ CREATE OR REPLACE FUNCTION yibao_us(t TIMESTAMPTZ) RETURNS BIGINT LANGUAGE sql I
     SELECT (EXTRACT(EPOCH FROM t) * 1000000)::BIGINT
 $$;
 
--- One posting: move the balance (a debit needs an OPEN account and enough money; the CHECK is the
--- last word) and append the row. Raises YB001 (not open) or YB002 (insufficient) with the account.
+-- One posting: move the balance (a debit needs an OPEN account and enough money, a CLOSED account
+-- takes nothing; the CHECK is the last word) and append the row. Raises YB001 (not open) or YB002 (insufficient) with the account.
 CREATE OR REPLACE FUNCTION yibao_post(
     p_txn BIGINT, p_account BIGINT, p_delta NUMERIC, p_family BOOLEAN, p_setl TEXT, p_counterparty TEXT,
     p_date DATE, OUT o_balance NUMERIC, OUT o_seq BIGINT, OUT o_posting BIGINT
@@ -231,7 +231,7 @@ DECLARE
 BEGIN
     UPDATE accounts SET balance = balance + p_delta, seq = seq + 1
      WHERE account_id = p_account
-       AND (p_delta >= 0 OR system_code IS NOT NULL OR (status = 'OPEN' AND balance + p_delta >= 0))
+       AND (system_code IS NOT NULL OR (status <> 'CLOSED' AND (p_delta >= 0 OR (status = 'OPEN' AND balance + p_delta >= 0))))
     RETURNING balance, seq INTO o_balance, o_seq;
     IF NOT FOUND THEN
         SELECT status INTO v_status FROM accounts WHERE account_id = p_account;
@@ -497,6 +497,88 @@ BEGIN
     RETURN jsonb_build_object('outcome', 'reversed', 'record', yibao_settlement_json(v_s.setl_id), 'changes', v_back->'changes');
 END $$;
 
+-- Transfers out and in, and liquidations: one row per request id (idempotency), with what moved.
+CREATE TABLE IF NOT EXISTS lifecycle_ops (
+    request_id   TEXT PRIMARY KEY,
+    fingerprint  TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    psn_no       TEXT NOT NULL,
+    amount       NUMERIC(18,2) NOT NULL,
+    interest     NUMERIC(18,2) NOT NULL,
+    status_after TEXT NOT NULL,
+    at           TIMESTAMPTZ NOT NULL
+);
+
+CREATE OR REPLACE FUNCTION yibao_lifecycle_json(p_request TEXT) RETURNS JSONB LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('request_id', request_id, 'fingerprint', fingerprint, 'kind', kind, 'psn_no', psn_no,
+        'amount', amount::TEXT, 'interest', interest::TEXT, 'status_after', status_after, 'at_us', yibao_us(at))
+      FROM lifecycle_ops WHERE request_id = p_request
+$$;
+
+-- A transfer out or liquidation (interest up to the day before first, then the whole balance out
+-- and the account closed), or a transfer in (the account opened or reopened if need be).
+CREATE OR REPLACE FUNCTION yibao_lifecycle(w JSONB) RETURNS JSONB LANGUAGE plpgsql AS $$
+DECLARE
+    v_kind TEXT := w->>'lifecycle';
+    v_in BOOLEAN := (w->>'lifecycle') = 'TRANSFER_IN';
+    v_date DATE := (w->>'business_date')::DATE;
+    v_at TIMESTAMPTZ := (w->>'at')::TIMESTAMPTZ;
+    v_account BIGINT;
+    v_status TEXT;
+    v_txn BIGINT;
+    v_post RECORD;
+    v_changes JSONB := '[]'::JSONB;
+    v_interest NUMERIC := 0;
+    v_amount NUMERIC;
+    v_delta NUMERIC;
+    v_txn_kind TEXT := CASE w->>'lifecycle' WHEN 'TRANSFER_OUT' THEN 'TRANSFER_OUT' WHEN 'LIQUIDATION' THEN 'WITHDRAWAL' ELSE 'TRANSFER_IN' END;
+    v_counterpart TEXT := CASE w->>'lifecycle' WHEN 'LIQUIDATION' THEN 'WITHDRAWALS_PAYABLE' ELSE 'TRANSFER_CLEARING' END;
+BEGIN
+    IF EXISTS (SELECT 1 FROM lifecycle_ops WHERE request_id = w->>'request_id') THEN
+        RETURN jsonb_build_object('outcome', 'lifecycle_exists', 'record', yibao_lifecycle_json(w->>'request_id'));
+    END IF;
+    SELECT account_id, status INTO v_account, v_status FROM accounts WHERE psn_no = w->>'psn_no' FOR UPDATE;
+    IF NOT FOUND THEN
+        IF NOT (v_in AND (w->>'open_account')::BOOLEAN) THEN
+            RETURN jsonb_build_object('decline', 'NO_ACCOUNT');
+        END IF;
+        INSERT INTO accounts (psn_no, status, opened_at) VALUES (w->>'psn_no', 'OPEN', v_at) RETURNING account_id INTO v_account;
+    ELSIF v_in AND v_status = 'CLOSED' THEN
+        UPDATE accounts SET status = 'OPEN' WHERE account_id = v_account;
+    ELSIF NOT v_in AND v_status <> 'OPEN' THEN
+        RETURN jsonb_build_object('decline', 'ACCOUNT_NOT_OPEN', 'account_id', v_account, 'status', v_status);
+    END IF;
+    IF w->>'interest_through' IS NOT NULL AND (w->>'interest')::NUMERIC > 0
+       AND NOT EXISTS (SELECT 1 FROM credits WHERE account_id = v_account AND period = w->>'interest_through' AND kind = 'INTEREST') THEN
+        v_interest := (w->>'interest')::NUMERIC;
+        INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+        VALUES ('INTEREST', w->>'request_id', v_at, v_date, (w->>'interest_through')::DATE, w->>'interest_through')
+        RETURNING txn_id INTO v_txn;
+        SELECT * INTO v_post FROM yibao_post(v_txn, v_account, v_interest, FALSE, '', 'INTEREST_EXPENSE', v_date);
+        v_changes := v_changes || yibao_change(v_account, v_post.o_balance, v_post.o_seq);
+        PERFORM yibao_post(v_txn, yibao_system('INTEREST_EXPENSE'), -v_interest, FALSE, '', w->>'psn_no', v_date);
+        PERFORM yibao_close(v_txn);
+        INSERT INTO credits (account_id, period, kind, amount, txn_id) VALUES (v_account, w->>'interest_through', 'INTEREST', v_interest, v_txn);
+    END IF;
+    v_amount := CASE WHEN v_in THEN (w->>'amount')::NUMERIC ELSE (SELECT balance FROM accounts WHERE account_id = v_account) END;
+    IF v_amount <> 0 THEN
+        v_delta := CASE WHEN v_in THEN v_amount ELSE -v_amount END;
+        INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+        VALUES (v_txn_kind, w->>'request_id', v_at, v_date, v_date, w->>'memo') RETURNING txn_id INTO v_txn;
+        SELECT * INTO v_post FROM yibao_post(v_txn, v_account, v_delta, FALSE, '', v_counterpart, v_date);
+        v_changes := v_changes || yibao_change(v_account, v_post.o_balance, v_post.o_seq);
+        PERFORM yibao_post(v_txn, yibao_system(v_counterpart), -v_delta, FALSE, '', w->>'psn_no', v_date);
+        PERFORM yibao_close(v_txn);
+    END IF;
+    IF NOT v_in THEN
+        UPDATE accounts SET status = 'CLOSED' WHERE account_id = v_account;
+    END IF;
+    INSERT INTO lifecycle_ops (request_id, fingerprint, kind, psn_no, amount, interest, status_after, at)
+    VALUES (w->>'request_id', w->>'fingerprint', v_kind, w->>'psn_no', v_amount, v_interest,
+        CASE WHEN v_in THEN 'OPEN' ELSE 'CLOSED' END, v_at);
+    RETURN jsonb_build_object('outcome', 'lifecycle', 'record', yibao_lifecycle_json(w->>'request_id'), 'changes', v_changes);
+END $$;
+
 CREATE OR REPLACE FUNCTION yibao_adjust(w JSONB, p_now_ms BIGINT) RETURNS JSONB LANGUAGE plpgsql AS $$
 DECLARE
     v_row adjustments%ROWTYPE;
@@ -684,6 +766,7 @@ BEGIN
                 WHEN 'refund' THEN yibao_refund(w)
                 WHEN 'reverse' THEN yibao_reverse(w)
                 WHEN 'adjust' THEN yibao_adjust(w, p_now_ms)
+                WHEN 'lifecycle' THEN yibao_lifecycle(w)
             END;
             IF v_result IS NULL OR v_result ? 'decline' THEN
                 RAISE EXCEPTION USING ERRCODE = 'YB011', MESSAGE = 'replay the batch write by write';
@@ -701,6 +784,7 @@ BEGIN
                 WHEN 'refund' THEN yibao_refund(w)
                 WHEN 'reverse' THEN yibao_reverse(w)
                 WHEN 'adjust' THEN yibao_adjust(w, p_now_ms)
+                WHEN 'lifecycle' THEN yibao_lifecycle(w)
             END;
             IF v_result ? 'decline' THEN
                 -- Declines happen before any row is written, but roll back to be sure.

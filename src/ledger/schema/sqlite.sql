@@ -239,3 +239,15 @@ CREATE TABLE IF NOT EXISTS interest_rates (
     entered_at          TEXT NOT NULL,
     PRIMARY KEY (region, effective_from)
 );
+
+-- Transfers out and in, and liquidations: one row per request id (idempotency), with what moved.
+CREATE TABLE IF NOT EXISTS lifecycle_ops (
+    request_id   TEXT PRIMARY KEY,
+    fingerprint  TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    psn_no       TEXT NOT NULL,
+    amount_fen   INTEGER NOT NULL,
+    interest_fen INTEGER NOT NULL,
+    status_after TEXT NOT NULL,
+    at           TEXT NOT NULL
+);

@@ -1,5 +1,6 @@
-//! Money coming in (issue 5): contributions, the monthly crediting run and interest rates, through
-//! the real gRPC API on both backends, with amounts to the fen.
+//! Money in and out by regional policy (issue 5): contributions, the monthly crediting run,
+//! interest, transfers and liquidation, and what a person's status does to paying — through the
+//! real gRPC API (and the `yibao` binary) on both backends, with amounts to the fen.
 
 mod common;
 
@@ -9,16 +10,36 @@ use yibao::rpc::pb;
 
 const JILIN: &str = "220000";
 
-async fn person_born(gw: &TestGateway, psn_no: &str, region: &str, category: pb::PersonCategory, birth: &str) {
+async fn upsert(
+    gw: &TestGateway,
+    psn_no: &str,
+    region: &str,
+    category: pb::PersonCategory,
+    birth: &str,
+    status: pb::InsuranceStatus,
+) {
     let request = pb::UpsertPersonRequest {
         psn_no: psn_no.into(),
         name: format!("name of {psn_no}"),
         birth_date: birth.into(),
         region: region.into(),
         category: category as i32,
-        status: pb::InsuranceStatus::Active as i32,
+        status: status as i32,
     };
     gw.admin().upsert_person(auth(request, OPERATOR_KEY)).await.expect("upsert person");
+}
+
+async fn person_born(gw: &TestGateway, psn_no: &str, region: &str, category: pb::PersonCategory, birth: &str) {
+    upsert(gw, psn_no, region, category, birth, pb::InsuranceStatus::Active).await
+}
+
+async fn set_rate(gw: &TestGateway, region: &str, effective_from: &str, percent: &str) {
+    let rate = pb::SetInterestRateRequest {
+        region: region.into(),
+        effective_from: effective_from.into(),
+        annual_rate_percent: percent.into(),
+    };
+    gw.admin().set_interest_rate(auth(rate, OPERATOR_KEY)).await.expect("rate");
 }
 
 async fn contribution(gw: &TestGateway, psn_no: &str, period: &str, base: &str, paid: bool) {
@@ -325,12 +346,7 @@ async fn a_jilin_year_with_a_balance_and_a_rate_change(backend: Backend) {
     adjust(&gw, "J1", "10000.00", true, "2020-01-01").await;
     adjust(&gw, "J1", "2000.00", true, "2025-07-01").await;
     // A made-up change of the 3-month rate from 1.10% to 0.90% on 20 May 2025.
-    let rate = pb::SetInterestRateRequest {
-        region: JILIN.into(),
-        effective_from: "2025-05-20".into(),
-        annual_rate_percent: "0.90".into(),
-    };
-    gw.admin().set_interest_rate(auth(rate, OPERATOR_KEY)).await.expect("rate");
+    set_rate(&gw, JILIN, "2025-05-20", "0.90").await;
     // (10,000.00 × 365 + 2,000.00 × 184) × 0.90% ÷ 360 = 100.45 (each day at its own rate it would
     // be 108.17: see domain::interest's tests).
     let year = accrue(&gw, JILIN, "2025-12-31").await;
@@ -342,6 +358,165 @@ async fn a_jilin_year_with_a_balance_and_a_rate_change(backend: Backend) {
         Code::InvalidArgument,
         "INVALID_ARGUMENT",
     );
+    gw.assert_books_balance().await;
+}
+
+/// Moves the gateway's business date to `day` (tests of dated rules).
+fn set_today(gw: &TestGateway, day: &str) {
+    use yibao::clock::Clock;
+    let target = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap();
+    gw.clock.advance_days((target - gw.clock.today()).num_days());
+}
+
+async fn set_status(gw: &TestGateway, psn_no: &str, status: pb::InsuranceStatus) {
+    upsert(gw, psn_no, BEIJING, pb::PersonCategory::Employee, "1980-01-01", status).await
+}
+
+fn transfer_out_request(request_id: &str, psn_no: &str, to_region: &str) -> pb::TransferOutRequest {
+    pb::TransferOutRequest { request_id: request_id.into(), psn_no: psn_no.into(), to_region: to_region.into() }
+}
+
+/// Jilin, a transfer out on 15 September 2025: interest for 1 January – 14 September first, at the
+/// rate in force on the 14th (001 §6), then the whole balance out and the account closed.
+async fn a_mid_year_transfer_out_settles_interest_first(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    set_today(&gw, "2025-01-06");
+    person_born(&gw, "J1", JILIN, pb::PersonCategory::Employee, "1980-01-01").await;
+    adjust(&gw, "J1", "10000.00", true, "2020-01-01").await;
+    // 2024 at 1.10%: 10,000.00 × 366 × 1.10% ÷ 360 = 111.83.
+    let year = accrue(&gw, JILIN, "2024-12-31").await;
+    assert_eq!(year.total, "111.83");
+    set_today(&gw, "2025-07-01");
+    adjust(&gw, "J1", "2000.00", true, "2025-07-01").await;
+    set_rate(&gw, JILIN, "2025-05-20", "0.90").await;
+    set_today(&gw, "2025-09-15");
+    // (10,111.83 × 257 days + 2,000.00 × 76 days) × 0.90% ÷ 360 = 68.7685 → 68.77.
+    let out = gw.admin().transfer_out(auth(transfer_out_request("T1", "J1", BEIJING), OPERATOR_KEY)).await.unwrap();
+    let out = out.into_inner();
+    assert_eq!((out.interest.as_str(), out.amount.as_str()), ("68.77", "12180.60"));
+    assert_eq!(out.account_status(), pb::AccountStatus::Closed);
+    assert_eq!(gw.balance_of("J1").await, "0.00");
+    let last: Vec<(pb::EntryKind, String, String)> = entries(&gw, "J1").await.into_iter().rev().take(2).collect();
+    assert_eq!(
+        last,
+        vec![
+            (pb::EntryKind::TransferOut, "-12180.60".into(), "to 110000".into()),
+            (pb::EntryKind::Interest, "68.77".into(), "2025-09-14".into()),
+        ]
+    );
+    // The same request again answers the same; the same id for something else is refused.
+    let again = gw.admin().transfer_out(auth(transfer_out_request("T1", "J1", BEIJING), OPERATOR_KEY)).await.unwrap();
+    assert_eq!(again.into_inner(), out);
+    assert_refused(
+        gw.admin().transfer_out(auth(transfer_out_request("T1", "J1", HUNAN), OPERATOR_KEY)).await,
+        Code::AlreadyExists,
+        "REQUEST_ID_REUSED",
+    );
+    // A closed account takes no debit or credit, and no more interest.
+    assert_refused(
+        gw.admin().transfer_out(auth(transfer_out_request("T2", "J1", BEIJING), OPERATOR_KEY)).await,
+        Code::FailedPrecondition,
+        "ACCOUNT_CLOSED",
+    );
+    let credit = pb::AdjustRequest {
+        request_id: "late-credit".into(),
+        psn_no: "J1".into(),
+        amount: "1.00".into(),
+        direction: pb::AdjustDirection::Credit as i32,
+        reason: "a credit after the transfer".into(),
+        value_date: String::new(),
+    };
+    assert_refused(gw.admin().adjust(auth(credit, OPERATOR_KEY)).await, Code::FailedPrecondition, "ACCOUNT_CLOSED");
+    set_today(&gw, "2026-01-05");
+    let year = accrue(&gw, JILIN, "2025-12-31").await;
+    assert_eq!((year.accounts, year.closed, year.credited, year.total.as_str()), (1, 1, 0, "0.00"));
+    // Coming back: money transferred in reopens the account.
+    let back = pb::TransferInRequest {
+        request_id: "B1".into(),
+        psn_no: "J1".into(),
+        from_region: BEIJING.into(),
+        amount: "500.00".into(),
+    };
+    let back = gw.admin().transfer_in(auth(back, OPERATOR_KEY)).await.unwrap().into_inner();
+    assert_eq!((back.amount.as_str(), back.account_status()), ("500.00", pb::AccountStatus::Open));
+    assert_eq!(gw.balance_of("J1").await, "500.00");
+    gw.assert_quiet_cache_equals_ledger(&["J1".to_string()]).await;
+    gw.assert_books_balance().await;
+}
+
+/// What a person's insurance status does to paying, and liquidation after termination.
+async fn statuses_decide_who_pays_and_liquidation_pays_out_once(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let hospital = gw.hospital().await;
+    gw.employee("O1", "300.00").await;
+    gw.employee("M1", "10.00").await;
+    gw.family("O1", "M1", pb::Relation::Child).await;
+    // SUSPENDED (contributions interrupted) still pays, with family.
+    set_status(&gw, "M1", pb::InsuranceStatus::Suspended).await;
+    let paid = gw.settle(&hospital, settle_request("s1", "M1", "20.00")).await.unwrap();
+    assert_eq!(debits(&paid), vec![("M1".into(), "10.00".into(), false), ("O1".into(), "10.00".into(), true)]);
+    // REMOVED pays from its own account only …
+    gw.credit("M1", "5.00").await;
+    set_status(&gw, "M1", pb::InsuranceStatus::Removed).await;
+    let paid = gw.settle(&hospital, settle_request("s2", "M1", "20.00")).await.unwrap();
+    assert_eq!((debits(&paid), paid.psn_cash_pay.as_str()), (vec![("M1".into(), "5.00".into(), false)], "15.00"));
+    // … and a REMOVED owner's account is not drawn for family.
+    set_status(&gw, "M1", pb::InsuranceStatus::Active).await;
+    set_status(&gw, "O1", pb::InsuranceStatus::Removed).await;
+    let paid = gw.settle(&hospital, settle_request("s3", "M1", "20.00")).await.unwrap();
+    assert_eq!((debits(&paid), paid.psn_cash_pay.as_str()), (vec![], "20.00"));
+    // TERMINATED cannot settle; its balance is paid out once by liquidation.
+    set_status(&gw, "O1", pb::InsuranceStatus::Active).await;
+    let liquidate =
+        |id: &str| pb::LiquidateRequest { request_id: id.into(), psn_no: "O1".into(), reason: "死亡 (death)".into() };
+    assert_refused(
+        gw.admin().liquidate(auth(liquidate("L1"), OPERATOR_KEY)).await,
+        Code::FailedPrecondition,
+        "PERSON_NOT_TERMINATED",
+    );
+    set_status(&gw, "O1", pb::InsuranceStatus::Terminated).await;
+    assert_refused(
+        gw.settle(&hospital, settle_request("s4", "O1", "1.00")).await,
+        Code::FailedPrecondition,
+        "PERSON_TERMINATED",
+    );
+    assert_refused(
+        gw.admin().transfer_out(auth(transfer_out_request("T1", "O1", JILIN), OPERATOR_KEY)).await,
+        Code::FailedPrecondition,
+        "PERSON_TERMINATED",
+    );
+    let out = gw.admin().liquidate(auth(liquidate("L1"), OPERATOR_KEY)).await.unwrap().into_inner();
+    assert_eq!(
+        (out.amount.as_str(), out.interest.as_str(), out.account_status()),
+        ("290.00", "0.00", pb::AccountStatus::Closed)
+    );
+    assert_eq!(gw.admin().liquidate(auth(liquidate("L1"), OPERATOR_KEY)).await.unwrap().into_inner(), out);
+    assert_refused(
+        gw.admin().liquidate(auth(liquidate("L2"), OPERATOR_KEY)).await,
+        Code::FailedPrecondition,
+        "ACCOUNT_CLOSED",
+    );
+    assert_eq!(
+        entries(&gw, "O1").await.last().unwrap(),
+        &(pb::EntryKind::Withdrawal, "-290.00".into(), "死亡 (death)".into())
+    );
+    // A frozen account is not transferred out; a Hunan flexible employee has no account to take money in.
+    gw.employee("F1", "1.00").await;
+    let freeze = pb::FreezeAccountRequest { psn_no: "F1".into(), reason: "under review".into() };
+    gw.admin().freeze_account(auth(freeze, OPERATOR_KEY)).await.unwrap();
+    assert_refused(
+        gw.admin().transfer_out(auth(transfer_out_request("T2", "F1", JILIN), OPERATOR_KEY)).await,
+        Code::FailedPrecondition,
+        "ACCOUNT_FROZEN",
+    );
+    person_born(&gw, "H9", HUNAN, pb::PersonCategory::Flexible, "1990-01-01").await;
+    let incoming = pb::TransferInRequest {
+        request_id: "I1".into(),
+        psn_no: "H9".into(),
+        from_region: BEIJING.into(),
+        amount: "9.00".into(),
+    };
+    assert_refused(gw.admin().transfer_in(auth(incoming, OPERATOR_KEY)).await, Code::FailedPrecondition, "NO_ACCOUNT");
     gw.assert_books_balance().await;
 }
 
@@ -422,6 +597,8 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
 }
 
 on_both_backends!(
+    a_mid_year_transfer_out_settles_interest_first,
+    statuses_decide_who_pays_and_liquidation_pays_out_once,
     a_beijing_quarter_is_paid_on_value_dates_once,
     a_jilin_year_with_a_balance_and_a_rate_change,
     contributions_imported_from_csv_are_credited_by_the_operators_run,

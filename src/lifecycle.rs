@@ -1,0 +1,203 @@
+//! An account's life events (DESIGN §1 Lifecycle, 000 §15–16, 001 §6–8, 002 Q16): a transfer out
+//! to another region, a one-time payout after termination (清算), money transferred in. Each is
+//! idempotent by request id. No gRPC here.
+
+use crate::crediting::interest_rates;
+use crate::domain::interest::{interest_between, period_containing};
+use crate::domain::{is_region_code, AccountStatus, InsuranceStatus, Money};
+use crate::error::{Failure, Outcome, Reason};
+use crate::gateway::{digest, Gateway};
+use crate::ledger::{LedgerWrite, LifecycleKind, LifecycleRecord, NewLifecycle, PersonRecord, WriteOutcome};
+use chrono::{Days, NaiveDate};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The whole balance to the transfer clearing account and the account closed, after interest up
+/// to the day before (001 §6). Refused for a frozen or closed account and for a terminated person
+/// (whose balance is paid out with [`liquidate`]).
+pub async fn transfer_out(
+    gateway: &Arc<Gateway>,
+    request_id: &str,
+    psn_no: &str,
+    to_region: &str,
+) -> Outcome<LifecycleRecord> {
+    if !is_region_code(to_region) {
+        return Err(Failure::invalid("to_region", "must be a 6-digit region code like 220000"));
+    }
+    let person = gateway.person(psn_no).await?;
+    if person.region == to_region {
+        return Err(Failure::invalid("to_region", format!("the person is insured in {to_region} already")));
+    }
+    if person.status == InsuranceStatus::Terminated {
+        return Err(Failure::new(
+            Reason::PersonTerminated,
+            "the person's insurance is terminated: the balance is paid out with Liquidate, not transferred",
+        ));
+    }
+    let fingerprint = digest(&["transfer-out/v1", psn_no, to_region]);
+    closing(gateway, request_id, &person, LifecycleKind::TransferOut, fingerprint, format!("to {to_region}")).await
+}
+
+/// After termination (death, emigration, …: 000 §15, 001 §8, 002 Q16): the whole balance paid out
+/// once to withdrawals payable, to the person or their heirs, and the account closed.
+pub async fn liquidate(
+    gateway: &Arc<Gateway>,
+    request_id: &str,
+    psn_no: &str,
+    reason: &str,
+) -> Outcome<LifecycleRecord> {
+    let person = gateway.person(psn_no).await?;
+    if person.status != InsuranceStatus::Terminated {
+        return Err(Failure::new(
+            Reason::PersonNotTerminated,
+            format!("the person's insurance is {}; an account is liquidated only after termination", person.status),
+        ));
+    }
+    let fingerprint = digest(&["liquidate/v1", psn_no, reason]);
+    closing(gateway, request_id, &person, LifecycleKind::Liquidation, fingerprint, reason.to_string()).await
+}
+
+/// Money transferred in from another region, merged into the person's account (opened if the
+/// person has none and their category gets one here; reopened if it was closed).
+pub async fn transfer_in(
+    gateway: &Arc<Gateway>,
+    request_id: &str,
+    psn_no: &str,
+    from_region: &str,
+    amount: Money,
+) -> Outcome<LifecycleRecord> {
+    if !is_region_code(from_region) {
+        return Err(Failure::invalid("from_region", "must be a 6-digit region code like 110000"));
+    }
+    let person = gateway.person(psn_no).await?;
+    if person.region == from_region {
+        return Err(Failure::invalid("from_region", format!("the person is insured in {from_region} already")));
+    }
+    if person.status == InsuranceStatus::Terminated {
+        return Err(Failure::new(Reason::PersonTerminated, "the person's insurance is terminated"));
+    }
+    let policy = gateway.policy(&person.region)?;
+    let open_account = person.account.is_none() && policy.has_account(person.category);
+    if person.account.is_none() && !open_account {
+        return Err(Failure::new(
+            Reason::NoAccount,
+            format!("{} has no personal account in region {}", person.category, person.region),
+        ));
+    }
+    let new = NewLifecycle {
+        request_id: request_id.to_string(),
+        fingerprint: digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string()]),
+        kind: LifecycleKind::TransferIn,
+        psn_no: psn_no.to_string(),
+        amount: Some(amount),
+        interest: None,
+        open_account,
+        memo: format!("from {from_region}"),
+        business_date: gateway.clock.today(),
+        at: now_micros(gateway),
+    };
+    commit(gateway, new).await
+}
+
+/// Transfer out or liquidation: interest up to the day before first, then the whole balance.
+async fn closing(
+    gateway: &Arc<Gateway>,
+    request_id: &str,
+    person: &PersonRecord,
+    kind: LifecycleKind,
+    fingerprint: String,
+    memo: String,
+) -> Outcome<LifecycleRecord> {
+    let account = person
+        .account
+        .as_ref()
+        .ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
+    let today = gateway.clock.today();
+    let interest = match account.status {
+        AccountStatus::Open => interest_to_yesterday(gateway, person, today).await?,
+        // Refused by the ledger (unless this request was done before: then its answer stands).
+        _ => None,
+    };
+    let new = NewLifecycle {
+        request_id: request_id.to_string(),
+        fingerprint,
+        kind,
+        psn_no: person.psn_no.clone(),
+        amount: None,
+        interest,
+        open_account: false,
+        memo,
+        business_date: today,
+        at: now_micros(gateway),
+    };
+    commit(gateway, new).await
+}
+
+/// Interest not yet paid, from the day after the account's last paid interest (or from the start
+/// of the settlement period before the current one, for an account never paid any) through the day
+/// before `today`.
+async fn interest_to_yesterday(
+    gateway: &Gateway,
+    person: &PersonRecord,
+    today: NaiveDate,
+) -> Outcome<Option<(NaiveDate, Money)>> {
+    let policy = gateway.policy(&person.region)?;
+    let Some(through) = today.checked_sub_days(Days::new(1)) else { return Ok(None) };
+    let settlement = policy.interest.settlement;
+    let current = period_containing(settlement, through).0;
+    let before = period_containing(settlement, current.pred_opt().expect("date in range")).0;
+    let candidates =
+        gateway.ledger.interest_candidates(&person.region, before, through, "", 1, Some(&person.psn_no)).await?;
+    let Some(candidate) = candidates.into_iter().next() else { return Ok(None) };
+    let from = match candidate.settled_through {
+        Some(settled) if settled >= through => return Ok(None),
+        Some(settled) => settled.succ_opt().expect("date in range"),
+        None => before,
+    };
+    let rates = interest_rates(gateway, &person.region).await?;
+    let amount = interest_between(&candidate.amounts, &rates, policy.interest.rate_applies, settlement, from, through)
+        .map_err(|message| Failure::new(Reason::Internal, format!("region {}: {message}", person.region)))?;
+    Ok((!amount.is_zero()).then_some((through, amount)))
+}
+
+/// Now, as the ledgers store it (microseconds), so a first answer and its replay are the same.
+fn now_micros(gateway: &Gateway) -> chrono::DateTime<chrono::Utc> {
+    let now = gateway.clock.now();
+    chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+/// Commits through the group committer, in a task of its own so a client going away cannot cut it
+/// short; then the cache takes the new balance.
+async fn commit(gateway: &Arc<Gateway>, new: NewLifecycle) -> Outcome<LifecycleRecord> {
+    let _admitted = gateway.admit()?;
+    let fingerprint = new.fingerprint.clone();
+    let gateway = gateway.clone();
+    let task = tokio::spawn(async move {
+        let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
+        let result = tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Lifecycle(new)))
+            .await
+            .map_err(|_| Failure::new(Reason::BackendUnavailable, "the ledger did not answer in time"))??;
+        match result {
+            Ok(WriteOutcome::Lifecycle { record, changes }) => {
+                for change in changes {
+                    if let Err(error) = gateway.cache.apply(change.account_id, change.balance_after, change.seq).await {
+                        // Stale-low at worst (the account is closed, or got money): the next load mends it.
+                        tracing::warn!(%error, "could not update the cache after a lifecycle event");
+                    }
+                }
+                tracing::info!(
+                    kind = record.kind.name(), psn_no = %crate::domain::mask_psn_no(&record.psn_no),
+                    amount = %record.amount, interest = %record.interest, "account lifecycle event"
+                );
+                Ok(record)
+            }
+            Ok(WriteOutcome::LifecycleExists(existing)) if existing.fingerprint == fingerprint => Ok(existing),
+            Ok(WriteOutcome::LifecycleExists(_)) => {
+                Err(Failure::new(Reason::RequestIdReused, "request_id was used before for a different request"))
+            }
+            Ok(other) => unreachable!("a lifecycle write answered {other:?}"),
+            Err(decline) => Err(crate::settle::reserve::decline_failure(decline)),
+        }
+    });
+    task.await.map_err(|_| Failure::new(Reason::Internal, "lifecycle task failed"))?
+}
