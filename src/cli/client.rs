@@ -894,8 +894,14 @@ async fn in_steps<A>(
     }
 }
 
+/// Adds an answer's amount to a run's total. (Totals are far above what an input amount may be,
+/// so they are read as ledger amounts, not parsed as input.)
 fn sum_money(total: &mut Money, text: &str) {
-    *total = total.checked_add(Money::parse(text).unwrap_or_default()).unwrap_or(*total);
+    let amount = Money::from_ledger_text(text).unwrap_or_else(|| {
+        eprintln!("warning: the gateway answered an amount {text:?} this client cannot read");
+        Money::ZERO
+    });
+    *total = total.checked_add(amount).unwrap_or(*total);
 }
 
 /// Runs RunMonthlyCredit in steps: a progress line after each, the whole run's summary at the end.

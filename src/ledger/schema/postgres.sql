@@ -859,13 +859,97 @@ CREATE TABLE IF NOT EXISTS interest_rates (
 );
 
 -- A crediting batch (apply_credits): p_lines is a JSON array of {account_id, period, value_date,
--- kind, delta, counterpart}, in order. A line already credited (same account, month, kind) or on a closed
--- account is skipped; the others post on the personal account and, per (month, kind,
+-- kind, delta, counterpart}, in order. A line already credited (same account, month, kind) or on a
+-- closed account is skipped; the others post on the personal account and, per (period, kind,
 -- counterpart), one transaction whose counterpart posting takes the group's total. Returns
 -- {applied: [bool…], accounts: […], balances: […], seqs: […]}: every personal posting's state
--- after, in order (the caller keeps each account's last). Arrays, not JSONB appends: plpgsql
--- appends to an array in place, a JSONB value is copied whole each time.
+-- after, in order (the caller keeps each account's last).
+--
+-- Set-based: a few statements for the whole batch (yibao_credit_each, line by line, took 4 or 5
+-- statements per line: 250 µs a line, 4.5 minutes for a million accounts). Should a balance go
+-- negative (a mutual-aid premium whose month's credit was applied long before, on an account
+-- spent since), the CHECK raises and the batch goes line by line instead, where that line alone
+-- is skipped.
 CREATE OR REPLACE FUNCTION yibao_credit(p_lines JSONB, p_ref TEXT, p_date DATE, p_at TIMESTAMPTZ) RETURNS JSONB
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids BIGINT[];
+    g RECORD;
+    v_txn BIGINT;
+    v_keys TEXT[] := '{}';
+    v_txns BIGINT[] := '{}';
+    v_result JSONB;
+    v_total RECORD;
+BEGIN
+    -- Row locks in account order, as the settlement batches take theirs: no deadlock cycle.
+    v_ids := ARRAY(SELECT DISTINCT (x->>'account_id')::BIGINT FROM jsonb_array_elements(p_lines) x ORDER BY 1);
+    PERFORM 1 FROM accounts WHERE account_id = ANY (v_ids) ORDER BY account_id FOR UPDATE;
+    BEGIN
+        FOR g IN
+            SELECT DISTINCT l.period, l.kind, l.counterpart, l.value_date
+              FROM jsonb_to_recordset(p_lines)
+                   AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT)
+              JOIN accounts a ON a.account_id = l.account_id AND a.account_id = ANY (v_ids) AND a.status <> 'CLOSED'
+             WHERE NOT EXISTS (SELECT 1 FROM credits c
+                                WHERE c.account_id = l.account_id AND c.period = l.period AND c.kind = l.kind)
+        LOOP
+            INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
+            VALUES (g.kind, p_ref, p_at, p_date, g.value_date, g.period) RETURNING txn_id INTO v_txn;
+            v_keys := array_append(v_keys, g.period || '/' || g.kind || '/' || g.counterpart);
+            v_txns := array_append(v_txns, v_txn);
+        END LOOP;
+        WITH l AS (
+            SELECT * FROM ROWS FROM (jsonb_to_recordset(p_lines)
+                   AS (account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT))
+                   WITH ORDINALITY AS l(account_id, period, value_date, kind, delta, counterpart, ord)
+        ), ok AS (
+            SELECT l.*, v_txns[array_position(v_keys, l.period || '/' || l.kind || '/' || l.counterpart)] AS txn_id
+              FROM l JOIN accounts a ON a.account_id = l.account_id AND a.account_id = ANY (v_ids) AND a.status <> 'CLOSED'
+             WHERE NOT EXISTS (SELECT 1 FROM credits c
+                                WHERE c.account_id = l.account_id AND c.period = l.period AND c.kind = l.kind)
+        ), credit AS (
+            INSERT INTO credits (account_id, period, kind, amount, txn_id)
+            SELECT account_id, period, kind, abs(delta), txn_id FROM ok
+            RETURNING account_id, period, kind
+        ), total AS (
+            SELECT account_id, SUM(delta) AS delta, COUNT(*) AS n FROM ok GROUP BY account_id
+        ), moved AS (
+            UPDATE accounts a SET balance = a.balance + total.delta, seq = a.seq + total.n
+              FROM total
+             WHERE a.account_id = total.account_id AND a.account_id = ANY (v_ids)
+            RETURNING a.account_id, a.balance - total.delta AS before, a.seq - total.n AS seq_before
+        ), posted AS (
+            SELECT ok.*, moved.before + SUM(ok.delta) OVER run AS balance_after, moved.seq_before + ROW_NUMBER() OVER run AS seq
+              FROM ok JOIN moved USING (account_id)
+            WINDOW run AS (PARTITION BY ok.account_id ORDER BY ok.ord ROWS UNBOUNDED PRECEDING)
+        ), posting AS (
+            INSERT INTO postings (txn_id, account_id, amount, balance_after, seq, family_use, setl_id, counterparty, business_date)
+            SELECT txn_id, account_id, delta, balance_after, seq, FALSE, '', counterpart, p_date FROM posted ORDER BY ord
+            RETURNING 1
+        )
+        SELECT jsonb_build_object(
+                   'applied', (SELECT jsonb_agg(ok.ord IS NOT NULL ORDER BY l.ord) FROM l LEFT JOIN ok ON ok.ord = l.ord),
+                   'accounts', (SELECT COALESCE(jsonb_agg(account_id ORDER BY ord), '[]') FROM posted),
+                   'balances', (SELECT COALESCE(jsonb_agg(balance_after::TEXT ORDER BY ord), '[]') FROM posted),
+                   'seqs', (SELECT COALESCE(jsonb_agg(seq ORDER BY ord), '[]') FROM posted),
+                   'totals', (SELECT COALESCE(jsonb_object_agg(txn_id::TEXT, t), '{}')
+                                FROM (SELECT txn_id, SUM(delta) AS t FROM ok GROUP BY txn_id) x))
+          INTO v_result;
+        FOR i IN 1 .. COALESCE(array_length(v_txns, 1), 0) LOOP
+            PERFORM yibao_post(v_txns[i], yibao_system(split_part(v_keys[i], '/', 3)),
+                -COALESCE((v_result->'totals'->>(v_txns[i]::TEXT))::NUMERIC, 0), FALSE, '', p_ref, p_date);
+            PERFORM yibao_close(v_txns[i]);
+        END LOOP;
+        RETURN v_result - 'totals';
+    EXCEPTION WHEN check_violation THEN
+        -- Everything above is rolled back; line by line skips the one that cannot be applied.
+        NULL;
+    END;
+    RETURN yibao_credit_each(p_lines, p_ref, p_date, p_at);
+END $$;
+
+-- The same, line by line (see yibao_credit).
+CREATE OR REPLACE FUNCTION yibao_credit_each(p_lines JSONB, p_ref TEXT, p_date DATE, p_at TIMESTAMPTZ) RETURNS JSONB
 LANGUAGE plpgsql AS $$
 DECLARE
     r RECORD;
@@ -889,6 +973,14 @@ BEGIN
             v_applied := array_append(v_applied, FALSE);
             CONTINUE;
         END IF;
+        -- (yibao_credit holds every account's row lock: no other run can credit these meanwhile.)
+        UPDATE accounts SET balance = balance + r.delta, seq = seq + 1
+         WHERE account_id = r.account_id AND status <> 'CLOSED' AND balance + r.delta >= 0
+        RETURNING balance, seq INTO v_balance, v_seq;
+        IF NOT FOUND THEN
+            v_applied := array_append(v_applied, FALSE);
+            CONTINUE;
+        END IF;
         v_key := r.period || '/' || r.kind || '/' || r.counterpart;
         v_txn := (v_txns->>v_key)::BIGINT;
         IF v_txn IS NULL THEN
@@ -897,21 +989,7 @@ BEGIN
             v_txns := v_txns || jsonb_build_object(v_key, v_txn);
             v_totals := v_totals || jsonb_build_object(v_key, 0);
         END IF;
-        -- The key first: a concurrent run of the same month waits here, then finds it taken.
-        INSERT INTO credits (account_id, period, kind, amount, txn_id) VALUES (r.account_id, r.period, r.kind, abs(r.delta), v_txn)
-        ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            v_applied := array_append(v_applied, FALSE);
-            CONTINUE;
-        END IF;
-        UPDATE accounts SET balance = balance + r.delta, seq = seq + 1
-         WHERE account_id = r.account_id AND status <> 'CLOSED' AND balance + r.delta >= 0
-        RETURNING balance, seq INTO v_balance, v_seq;
-        IF NOT FOUND THEN
-            DELETE FROM credits WHERE account_id = r.account_id AND period = r.period AND kind = r.kind;
-            v_applied := array_append(v_applied, FALSE);
-            CONTINUE;
-        END IF;
+        INSERT INTO credits (account_id, period, kind, amount, txn_id) VALUES (r.account_id, r.period, r.kind, abs(r.delta), v_txn);
         INSERT INTO postings (txn_id, account_id, amount, balance_after, seq, family_use, setl_id, counterparty, business_date)
         VALUES (v_txn, r.account_id, r.delta, v_balance, v_seq, FALSE, '', r.counterpart, p_date);
         v_totals := jsonb_set(v_totals, ARRAY[v_key], to_jsonb((v_totals->>v_key)::NUMERIC + r.delta));
@@ -921,7 +999,6 @@ BEGIN
         v_seqs := array_append(v_seqs, v_seq);
     END LOOP;
     FOR v_key, v_txn IN SELECT key, value::BIGINT FROM jsonb_each_text(v_txns) LOOP
-        -- (A group whose every line was refused keeps an empty, balanced transaction.)
         SELECT * INTO v_post FROM yibao_post(v_txn, yibao_system(split_part(v_key, '/', 3)),
             -((v_totals->>v_key)::NUMERIC), FALSE, '', p_ref, p_date);
         PERFORM yibao_close(v_txn);
