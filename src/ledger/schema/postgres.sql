@@ -916,11 +916,16 @@ BEGIN
         ), moved AS (
             UPDATE accounts a SET balance = a.balance + total.delta, seq = a.seq + total.n
               FROM total
-             WHERE a.account_id = total.account_id AND a.account_id = ANY (v_ids)
-            RETURNING a.account_id, a.balance - total.delta AS before, a.seq - total.n AS seq_before
+             WHERE a.account_id = total.account_id
+            RETURNING 1
         ), posted AS (
-            SELECT ok.*, moved.before + SUM(ok.delta) OVER run AS balance_after, moved.seq_before + ROW_NUMBER() OVER run AS seq
-              FROM ok JOIN moved USING (account_id)
+            -- Every part of this statement reads the accounts as they were before it (the UPDATE
+            -- above is not visible here): the balance and sequence before the batch. (Joined to
+            -- the table by key, not to the UPDATE's CTE: two CTEs estimated at one row each were
+            -- joined by a nested loop over both, 4 million comparisons per batch. And no
+            -- `= ANY (v_ids)` in a key lookup: each lookup walked the whole array.)
+            SELECT ok.*, a.balance + SUM(ok.delta) OVER run AS balance_after, a.seq + ROW_NUMBER() OVER run AS seq
+              FROM ok JOIN accounts a ON a.account_id = ok.account_id
             WINDOW run AS (PARTITION BY ok.account_id ORDER BY ok.ord ROWS UNBOUNDED PRECEDING)
         ), posting AS (
             INSERT INTO postings (txn_id, account_id, amount, balance_after, seq, family_use, setl_id, counterparty, business_date)
@@ -932,6 +937,7 @@ BEGIN
                    'accounts', (SELECT COALESCE(jsonb_agg(account_id ORDER BY ord), '[]') FROM posted),
                    'balances', (SELECT COALESCE(jsonb_agg(balance_after::TEXT ORDER BY ord), '[]') FROM posted),
                    'seqs', (SELECT COALESCE(jsonb_agg(seq ORDER BY ord), '[]') FROM posted),
+                   'moved', (SELECT COUNT(*) FROM moved),
                    'totals', (SELECT COALESCE(jsonb_object_agg(txn_id::TEXT, t), '{}')
                                 FROM (SELECT txn_id, SUM(delta) AS t FROM ok GROUP BY txn_id) x))
           INTO v_result;
@@ -940,7 +946,11 @@ BEGIN
                 -COALESCE((v_result->'totals'->>(v_txns[i]::TEXT))::NUMERIC, 0), FALSE, '', p_ref, p_date);
             PERFORM yibao_close(v_txns[i]);
         END LOOP;
-        RETURN v_result - 'totals';
+        IF (v_result->>'moved')::BIGINT <> (SELECT COUNT(DISTINCT a) FROM jsonb_array_elements(v_result->'accounts') a) THEN
+            RAISE EXCEPTION 'yibao_credit: % accounts moved for % posted', v_result->>'moved',
+                jsonb_array_length(v_result->'accounts');
+        END IF;
+        RETURN v_result - 'totals' - 'moved';
     EXCEPTION WHEN check_violation THEN
         -- Everything above is rolled back; line by line skips the one that cannot be applied.
         NULL;
