@@ -129,9 +129,13 @@ run_credit() {
   local period; period=$(date -d "$(date +%Y-%m-01) -1 month" +%Y-%m)
   if [ ! -f "$pop/people.csv" ]; then
     $Y bench population --accounts "$CREDIT_ACCOUNTS" --prefix BC --dir "$pop"
-    # Bases from 3,000.00 to 32,999.99, so the 2% rounds every way.
-    awk -F, -v p="$period" 'NR == 1 { print "psn_no,period,base,paid"; next }
-      { printf "%s,%s,%d.%02d,true\n", $1, p, 3000 + NR % 30000, NR % 100 }' "$pop/people.csv" >"$pop/contributions.csv"
+    # A quarter retirees (Beijing: 100.00 or, from 70, 110.00, less the 3.00 mutual-aid premium: two
+    # postings each), the rest employees with a paid month on bases from 3,000.00 to 32,999.99, so
+    # the 2% rounds every way.
+    awk -F, -v OFS=, 'NR > 1 && NR % 4 == 0 { $5 = "RETIREE"; $3 = (NR % 8 == 0) ? "1950-06-15" : "1960-06-15" } 1' \
+      "$pop/people.csv" >"$pop/people.mixed" && mv "$pop/people.mixed" "$pop/people.csv"
+    awk -F, -v p="$period" 'NR == 1 { print "psn_no,period,base,paid"; next } $5 != "RETIREE" {
+        printf "%s,%s,%d.%02d,true\n", $1, p, 3000 + NR % 30000, NR % 100 }' "$pop/people.csv" >"$pop/contributions.csv"
   fi
   # shellcheck disable=SC2086
   start_gateway "$name-credit" $ledger_args $redis_args
