@@ -4,7 +4,7 @@
 use crate::domain::credit::{credit_for_month, Contribution, CreditLine, Period, Skip};
 use crate::domain::interest;
 use crate::domain::policy::InterestRate;
-use crate::domain::{AccountStatus, Money, SystemAccount, TxnKind};
+use crate::domain::{AccountStatus, Money, PersonCategory, SystemAccount, TxnKind};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::Gateway;
 use crate::ledger::{CreditBatch, CreditPosting, InterestCandidate};
@@ -16,20 +16,22 @@ use std::sync::Arc;
 /// Accounts read and credited per ledger transaction.
 pub const CREDIT_CHUNK: usize = 2_000;
 
-/// Records a month's contribution for a person (replacing what was recorded for that month).
-/// The person's category now is kept with it, so a later back payment is credited by it.
+/// Records a month's contribution for a person (replacing what was recorded for that month), with
+/// the person's category in that month (by default, what the person is now): a back payment is
+/// credited by it.
 pub async fn record_contribution(
     gateway: &Gateway,
     psn_no: &str,
     period: Period,
     base: Money,
     paid: bool,
+    category: Option<PersonCategory>,
 ) -> Outcome<()> {
     if period > Period::of(gateway.clock.today()) {
         return Err(Failure::invalid("period", format!("{period} is in the future")));
     }
     let person = gateway.person(psn_no).await?;
-    let contribution = Contribution { period, base, paid, category: person.category };
+    let contribution = Contribution { period, base, paid, category: category.unwrap_or(person.category) };
     if !gateway.ledger.record_contribution(psn_no, contribution, gateway.clock.now()).await? {
         return Err(Failure::new(Reason::UnknownPerson, "no such person"));
     }
@@ -340,8 +342,9 @@ pub async fn interest_period(
 ) -> Outcome<InterestPeriod> {
     let policy = gateway.policy(region)?;
     let rates = interest_rates(gateway, region).await?;
-    let weights = interest::day_weights(&rates, policy.interest.rate_applies, start, end)
-        .map_err(|message| Failure::new(Reason::Internal, format!("region {region}: {message}")))?;
+    let weights = interest::day_weights(&rates, policy.interest.rate_applies, start, end).map_err(|message| {
+        Failure::invalid("as_of", format!("region {region}: {message}; enter the rate with SetInterestRate"))
+    })?;
     Ok(InterestPeriod { start, end, weights })
 }
 

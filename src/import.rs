@@ -16,8 +16,9 @@
 //! People files: `psn_no,name,birth_date,region,category,status,opening_balance` (a header row, any
 //! column order; `status` empty = ACTIVE, `opening_balance` empty = 0.00). Family files:
 //! `owner_psn_no,member_psn_no,relation` — the member may draw on the owner's account.
-//! Contribution files (`yibao admin contributions import`): `psn_no,period,base,paid` — a month's
-//! contribution base and whether it was paid in full, which the next crediting run credits.
+//! Contribution files (`yibao admin contributions import`): `psn_no,period,base,paid,category` — a
+//! month's contribution base, whether it was paid in full, and what the person was that month
+//! (empty: what the person is now), which the next crediting run credits.
 
 use crate::domain::credit::Period;
 use crate::domain::family::link_refusal;
@@ -46,7 +47,7 @@ const NAME_CHARS_MAX: usize = 100;
 pub const PEOPLE_COLUMNS: &[&str] =
     &["psn_no", "name", "birth_date", "region", "category", "status", "opening_balance"];
 pub const FAMILY_COLUMNS: &[&str] = &["owner_psn_no", "member_psn_no", "relation"];
-pub const CONTRIBUTION_COLUMNS: &[&str] = &["psn_no", "period", "base", "paid"];
+pub const CONTRIBUTION_COLUMNS: &[&str] = &["psn_no", "period", "base", "paid", "category"];
 
 /// Which kind of file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,7 +189,7 @@ impl Importer {
             self.chunk_rows,
             move |line, fields| contribution_row(line, fields, today),
             |row: &ContributionImport| format!("{}/{}", row.psn_no, row.period),
-            |a, b| a.base == b.base && a.paid == b.paid,
+            |a, b| a.base == b.base && a.paid == b.paid && a.category == b.category,
         )?;
         self.apply(path, observer, chunks, |chunk| self.ledger.import_contributions(chunk)).await
     }
@@ -544,8 +545,9 @@ fn family_row(line: u64, fields: &HashMap<&str, &str>) -> Result<FamilyImport, S
     Ok(FamilyImport { line, owner_psn_no, member_psn_no, relation })
 }
 
-/// A contribution row: a month that has begun, a base (0 allowed for a month not paid) and
-/// whether the month was paid in full: `true`/`false`, `1`/`0`, `yes`/`no`.
+/// A contribution row: a month that has begun, a base (0 allowed for a month not paid), whether the
+/// month was paid in full (`true`/`false`, `1`/`0`, `yes`/`no`) and the person's category that
+/// month (empty: as now).
 fn contribution_row(line: u64, fields: &HashMap<&str, &str>, today: NaiveDate) -> Result<ContributionImport, String> {
     let psn_no = checked_psn_no(fields, "psn_no")?;
     let text = field(fields, "period");
@@ -560,5 +562,12 @@ fn contribution_row(line: u64, fields: &HashMap<&str, &str>, today: NaiveDate) -
         "false" | "0" | "no" => false,
         other => return Err(format!("paid: {other:?} is not true or false")),
     };
-    Ok(ContributionImport { line, psn_no, period, base, paid })
+    let category = match field(fields, "category") {
+        "" => None,
+        _ => {
+            let categories: Vec<&str> = PersonCategory::ALL.iter().map(|c| c.name()).collect();
+            Some(named(fields, "category", PersonCategory::parse, &categories)?)
+        }
+    };
+    Ok(ContributionImport { line, psn_no, period, base, paid, category })
 }

@@ -24,6 +24,10 @@ pub async fn transfer_out(
     if !is_region_code(to_region) {
         return Err(Failure::invalid("to_region", "must be a 6-digit region code like 220000"));
     }
+    let fingerprint = digest(&["transfer-out/v1", psn_no, to_region]);
+    if let Some(done) = replayed(gateway, request_id, &fingerprint).await? {
+        return Ok(done);
+    }
     let person = gateway.person(psn_no).await?;
     if person.region == to_region {
         return Err(Failure::invalid("to_region", format!("the person is insured in {to_region} already")));
@@ -34,7 +38,6 @@ pub async fn transfer_out(
             "the person's insurance is terminated: the balance is paid out with Liquidate, not transferred",
         ));
     }
-    let fingerprint = digest(&["transfer-out/v1", psn_no, to_region]);
     closing(gateway, request_id, &person, LifecycleKind::TransferOut, fingerprint, format!("to {to_region}")).await
 }
 
@@ -46,6 +49,10 @@ pub async fn liquidate(
     psn_no: &str,
     reason: &str,
 ) -> Outcome<LifecycleRecord> {
+    let fingerprint = digest(&["liquidate/v1", psn_no, reason]);
+    if let Some(done) = replayed(gateway, request_id, &fingerprint).await? {
+        return Ok(done);
+    }
     let person = gateway.person(psn_no).await?;
     if person.status != InsuranceStatus::Terminated {
         return Err(Failure::new(
@@ -53,7 +60,6 @@ pub async fn liquidate(
             format!("the person's insurance is {}; an account is liquidated only after termination", person.status),
         ));
     }
-    let fingerprint = digest(&["liquidate/v1", psn_no, reason]);
     closing(gateway, request_id, &person, LifecycleKind::Liquidation, fingerprint, reason.to_string()).await
 }
 
@@ -68,6 +74,10 @@ pub async fn transfer_in(
 ) -> Outcome<LifecycleRecord> {
     if !is_region_code(from_region) {
         return Err(Failure::invalid("from_region", "must be a 6-digit region code like 110000"));
+    }
+    let fingerprint = digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string()]);
+    if let Some(done) = replayed(gateway, request_id, &fingerprint).await? {
+        return Ok(done);
     }
     let person = gateway.person(psn_no).await?;
     if person.region == from_region {
@@ -86,11 +96,12 @@ pub async fn transfer_in(
     }
     let new = NewLifecycle {
         request_id: request_id.to_string(),
-        fingerprint: digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string()]),
+        fingerprint,
         kind: LifecycleKind::TransferIn,
         psn_no: psn_no.to_string(),
         amount: Some(amount),
         interest: None,
+        interest_seen: None,
         open_account,
         memo: format!("from {from_region}"),
         business_date: gateway.clock.today(),
@@ -99,7 +110,9 @@ pub async fn transfer_in(
     commit(gateway, new).await
 }
 
-/// Transfer out or liquidation: interest up to the day before first, then the whole balance.
+/// Transfer out or liquidation: interest up to the day before first, then the whole balance. The
+/// interest is computed before the write; should an interest run pay a period meanwhile, the
+/// ledger says so and it is computed again.
 async fn closing(
     gateway: &Arc<Gateway>,
     request_id: &str,
@@ -112,52 +125,88 @@ async fn closing(
         .account
         .as_ref()
         .ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
-    let today = gateway.clock.today();
-    let interest = match account.status {
-        AccountStatus::Open => interest_to_yesterday(gateway, person, today).await?,
-        // Refused by the ledger (unless this request was done before: then its answer stands).
-        _ => None,
-    };
-    let new = NewLifecycle {
-        request_id: request_id.to_string(),
-        fingerprint,
-        kind,
-        psn_no: person.psn_no.clone(),
-        amount: None,
-        interest,
-        open_account: false,
-        memo,
-        business_date: today,
-        at: now_micros(gateway),
-    };
-    commit(gateway, new).await
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let today = gateway.clock.today();
+        let (interest, interest_seen) = match account.status {
+            AccountStatus::Open => interest_to_yesterday(gateway, person, today).await?,
+            // Refused by the ledger.
+            _ => (None, None),
+        };
+        let new = NewLifecycle {
+            request_id: request_id.to_string(),
+            fingerprint: fingerprint.clone(),
+            kind,
+            psn_no: person.psn_no.clone(),
+            amount: None,
+            interest,
+            interest_seen,
+            open_account: false,
+            memo: memo.clone(),
+            business_date: today,
+            at: now_micros(gateway),
+        };
+        match commit(gateway, new).await {
+            Err(failure) if attempts < 3 && is_stale(&failure) => continue,
+            result => return result,
+        }
+    }
+}
+
+fn is_stale(failure: &Failure) -> bool {
+    *failure == crate::settle::reserve::decline_failure(crate::ledger::WriteDecline::Stale)
+}
+
+/// The answer of a request done before under this id (or REQUEST_ID_REUSED for other content):
+/// a replay answers the same whatever has changed since.
+async fn replayed(gateway: &Gateway, request_id: &str, fingerprint: &str) -> Outcome<Option<LifecycleRecord>> {
+    match gateway.ledger.lifecycle(request_id).await? {
+        Some(done) if done.fingerprint == fingerprint => Ok(Some(done)),
+        Some(_) => Err(Failure::new(Reason::RequestIdReused, "request_id was used before for a different request")),
+        None => Ok(None),
+    }
 }
 
 /// Interest not yet paid, from the day after the account's last paid interest (or from the start
 /// of the settlement period before the current one, for an account never paid any) through the day
-/// before `today`.
+/// before `today`; and the last paid period it was computed from.
 async fn interest_to_yesterday(
     gateway: &Gateway,
     person: &PersonRecord,
     today: NaiveDate,
-) -> Outcome<Option<(NaiveDate, Money)>> {
+) -> Outcome<(Option<(NaiveDate, Money)>, Option<NaiveDate>)> {
     let policy = gateway.policy(&person.region)?;
-    let Some(through) = today.checked_sub_days(Days::new(1)) else { return Ok(None) };
+    let Some(through) = today.checked_sub_days(Days::new(1)) else { return Ok((None, None)) };
     let settlement = policy.interest.settlement;
     let current = period_containing(settlement, through).0;
-    let before = period_containing(settlement, current.pred_opt().expect("date in range")).0;
-    let candidates =
-        gateway.ledger.interest_candidates(&person.region, before, through, "", 1, Some(&person.psn_no)).await?;
-    let Some(candidate) = candidates.into_iter().next() else { return Ok(None) };
-    let from = match candidate.settled_through {
-        Some(settled) if settled >= through => return Ok(None),
+    let mut start = period_containing(settlement, current.pred_opt().expect("date in range")).0;
+    let mut candidate = None;
+    // Twice at most: once more from further back when the last paid period is older than `start`
+    // (so that the periods in between count the money from their own first day).
+    for _ in 0..2 {
+        let found =
+            gateway.ledger.interest_candidates(&person.region, start, through, "", 1, Some(&person.psn_no)).await?;
+        let Some(found) = found.into_iter().next() else { return Ok((None, None)) };
+        match found.settled_through.and_then(|settled| settled.succ_opt()) {
+            Some(from) if from < start => start = from,
+            _ => {
+                candidate = Some(found);
+                break;
+            }
+        }
+    }
+    let Some(candidate) = candidate else { return Ok((None, None)) };
+    let seen = candidate.settled_through;
+    let from = match seen {
+        Some(settled) if settled >= through => return Ok((None, seen)),
         Some(settled) => settled.succ_opt().expect("date in range"),
-        None => before,
+        None => start,
     };
     let rates = interest_rates(gateway, &person.region).await?;
     let amount = interest_between(&candidate.amounts, &rates, policy.interest.rate_applies, settlement, from, through)
         .map_err(|message| Failure::new(Reason::Internal, format!("region {}: {message}", person.region)))?;
-    Ok((!amount.is_zero()).then_some((through, amount)))
+    Ok(((!amount.is_zero()).then_some((through, amount)), seen))
 }
 
 /// Now, as the ledgers store it (microseconds), so a first answer and its replay are the same.

@@ -9,6 +9,7 @@ on_both_backends!(
     the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
     reading_the_cache_installs_only_a_newer_ledger_balance,
+    a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_paid_twice,
 );
 
 use common::*;
@@ -273,4 +274,63 @@ async fn reading_the_cache_installs_only_a_newer_ledger_balance(backend: Backend
         (yuan("30.00"), yuan("20.00"), 4, yuan("10.00"))
     );
     assert_eq!(cache.get(id).await.unwrap(), Some(newer));
+}
+
+/// A transfer out computes the interest it pays first before its write; an interest run that pays
+/// the account a period in between makes that computation stale: the ledger declines the write
+/// (nothing applied) instead of paying that period twice.
+async fn a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_paid_twice(backend: Backend) {
+    use chrono::NaiveDate;
+    use yibao::domain::credit::CreditLine;
+    use yibao::domain::{SystemAccount, TxnKind};
+    use yibao::ledger::{CreditBatch, CreditPosting, LifecycleKind, NewLifecycle};
+    let gw = TestGateway::start_with(backend).await;
+    gw.employee("P1", "1000.00").await;
+    let account = account_of(&gw, "P1").await;
+    let ledger = &gw.app.gateway.ledger;
+    let day = |text: &str| NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap();
+    let now = chrono::Utc::now();
+    let transfer = |seen: Option<NaiveDate>| {
+        LedgerWrite::Lifecycle(NewLifecycle {
+            request_id: "T1".into(),
+            fingerprint: "f".into(),
+            kind: LifecycleKind::TransferOut,
+            psn_no: "P1".into(),
+            amount: None,
+            interest: Some((day("2025-04-02"), yuan("8.94"))),
+            interest_seen: seen,
+            open_account: false,
+            memo: "to 220000".into(),
+            business_date: day("2025-04-03"),
+            at: now,
+        })
+    };
+    // The interest run pays Q1 after the transfer's computation saw no interest paid.
+    let q1 = CreditPosting {
+        account_id: account,
+        psn_no: "P1".into(),
+        period: "2025-03-31".into(),
+        value_date: day("2025-03-31"),
+        line: CreditLine { kind: TxnKind::Interest, amount: yuan("8.75"), counterpart: SystemAccount::InterestExpense },
+    };
+    let batch = CreditBatch {
+        postings: vec![q1],
+        reference: "interest 110000 2025-03-31".into(),
+        business_date: day("2025-04-03"),
+        at: now,
+    };
+    assert_eq!(ledger.apply_credits(batch).await.unwrap().applied, vec![true]);
+    let stale = ledger.commit_batch(vec![transfer(None)]).await.unwrap();
+    assert_eq!(stale[0].as_ref().unwrap_err(), &WriteDecline::Stale);
+    assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, yuan("1008.75"));
+    // Computed again from the period paid: through.
+    let done = ledger.commit_batch(vec![transfer(Some(day("2025-03-31")))]).await.unwrap();
+    match &done[0] {
+        Ok(WriteOutcome::Lifecycle { record, .. }) => {
+            assert_eq!((record.interest, record.amount), (yuan("8.94"), yuan("1017.69")));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, Money::ZERO);
+    gw.assert_books_balance().await;
 }

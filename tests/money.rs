@@ -10,6 +10,19 @@ use yibao::rpc::pb;
 
 const JILIN: &str = "220000";
 
+/// A gateway whose business date is 2 January 2025, when the people of a test are created; runs
+/// happen after [`after_the_months`].
+async fn start_in_2025(backend: Backend) -> TestGateway {
+    let gw = TestGateway::start_with(backend).await;
+    set_today(&gw, "2025-01-02");
+    gw
+}
+
+/// Moves the business date past the months the tests credit (2025-01 … 2025-11).
+fn after_the_months(gw: &TestGateway) {
+    set_today(gw, "2025-12-01");
+}
+
 async fn upsert(
     gw: &TestGateway,
     psn_no: &str,
@@ -43,8 +56,13 @@ async fn set_rate(gw: &TestGateway, region: &str, effective_from: &str, percent:
 }
 
 async fn contribution(gw: &TestGateway, psn_no: &str, period: &str, base: &str, paid: bool) {
-    let request =
-        pb::RecordContributionRequest { psn_no: psn_no.into(), period: period.into(), base: base.into(), paid };
+    let request = pb::RecordContributionRequest {
+        psn_no: psn_no.into(),
+        period: period.into(),
+        base: base.into(),
+        paid,
+        ..Default::default()
+    };
     gw.admin().record_contribution(auth(request, OPERATOR_KEY)).await.expect("record contribution");
 }
 
@@ -81,7 +99,7 @@ async fn entries(gw: &TestGateway, psn_no: &str) -> Vec<(pb::EntryKind, String, 
 }
 
 async fn a_month_is_credited_to_the_fen_by_regional_rules(backend: Backend) {
-    let gw = TestGateway::start_with(backend).await;
+    let gw = start_in_2025(backend).await;
     person_born(&gw, "E1", BEIJING, pb::PersonCategory::Employee, "1985-03-02").await;
     person_born(&gw, "E2", BEIJING, pb::PersonCategory::Employee, "1985-03-02").await;
     person_born(&gw, "E3", BEIJING, pb::PersonCategory::Employee, "1985-03-02").await;
@@ -90,12 +108,18 @@ async fn a_month_is_credited_to_the_fen_by_regional_rules(backend: Backend) {
     // The cache holds E1 and R1 before the run: the run's credits must reach it.
     assert_eq!(gw.balance_of("E1").await, "0.00");
     assert_eq!(gw.balance_of("R1").await, "0.00");
+    after_the_months(&gw);
+    // A retiree whose account opened later (moved here in December): May was credited elsewhere.
+    person_born(&gw, "R2", BEIJING, pb::PersonCategory::Retiree, "1950-01-01").await;
     contribution(&gw, "E1", "2025-05", "12345.67", true).await;
     contribution(&gw, "E3", "2025-05", "9000.00", false).await;
 
     let may = credit_all(&gw, BEIJING, "2025-05").await;
-    assert_eq!((may.accounts, may.credited, may.skipped, may.already_credited), (4, 2, 2, 0));
-    assert_eq!(skips(&may.skipped_by_reason), vec![("NO_CONTRIBUTION".into(), 1), ("NOT_PAID".into(), 1)]);
+    assert_eq!((may.accounts, may.credited, may.skipped, may.already_credited), (5, 2, 3, 0));
+    assert_eq!(
+        skips(&may.skipped_by_reason),
+        vec![("NO_CONTRIBUTION".into(), 1), ("NOT_PAID".into(), 1), ("OPENED_LATER".into(), 1)]
+    );
     // 12,345.67 × 2% = 246.9134 → 246.91; the retiree, the month before turning 70: 100.00.
     assert_eq!((may.total.as_str(), may.mutual_aid_total.as_str()), ("346.91", "3.00"));
     assert_eq!(may.resume_after, "");
@@ -128,7 +152,8 @@ async fn a_month_is_credited_to_the_fen_by_regional_rules(backend: Backend) {
     assert_eq!((hunan.credited, hunan.total.as_str(), hunan.mutual_aid_total.as_str()), (1, "75.00", "0.00"));
     assert_eq!(gw.balance_of("H1").await, "75.00");
 
-    let all: Vec<String> = ["E1", "E2", "E3", "R1", "H1"].iter().map(|p| p.to_string()).collect();
+    assert_eq!(gw.balance_of("R2").await, "0.00");
+    let all: Vec<String> = ["E1", "E2", "E3", "R1", "R2", "H1"].iter().map(|p| p.to_string()).collect();
     gw.assert_quiet_cache_equals_ledger(&all).await;
     gw.assert_books_balance().await;
 }
@@ -159,10 +184,11 @@ async fn a_missed_month_paid_later_is_credited_by_the_next_run(backend: Backend)
 }
 
 async fn an_interrupted_run_resumes_and_credits_each_account_once(backend: Backend) {
-    let gw = TestGateway::start_with(backend).await;
+    let gw = start_in_2025(backend).await;
     for i in 1..=5 {
         person_born(&gw, &format!("H{i}"), HUNAN, pb::PersonCategory::Retiree, "1950-01-01").await;
     }
+    after_the_months(&gw);
     let first = run_credit(&gw, HUNAN, "2025-07", "", 2).await;
     assert_eq!((first.accounts, first.credited, first.total.as_str()), (2, 2, "150.00"));
     assert_eq!(first.resume_after, "H2");
@@ -178,7 +204,7 @@ async fn an_interrupted_run_resumes_and_credits_each_account_once(backend: Backe
 }
 
 async fn who_gets_no_credit_and_why(backend: Backend) {
-    let gw = TestGateway::start_with(backend).await;
+    let gw = start_in_2025(backend).await;
     // A Hunan flexible employee has no account (003): no account, nothing to credit.
     person_born(&gw, "F1", HUNAN, pb::PersonCategory::Flexible, "1990-01-01").await;
     let request = pb::GetBalanceRequest { psn_no: "F1".into() };
@@ -186,12 +212,16 @@ async fn who_gets_no_credit_and_why(backend: Backend) {
     assert_eq!(balance.account_status(), pb::AccountStatus::None);
     // A Jilin retiree: the 2021 average pension is an operator input not set in the shipped file.
     person_born(&gw, "J1", JILIN, pb::PersonCategory::Retiree, "1950-01-01").await;
+    after_the_months(&gw);
     let jilin = credit_all(&gw, JILIN, "2025-07").await;
     assert_eq!((jilin.credited, skips(&jilin.skipped_by_reason)), (0, vec![("PENSION_NOT_SET".into(), 1)]));
     let hunan = credit_all(&gw, HUNAN, "2025-07").await;
     assert_eq!((hunan.accounts, hunan.credited), (0, 0));
     // A month that is not over, a bad month, a region without a policy.
-    let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+    let this_month = {
+        use yibao::clock::Clock;
+        gw.clock.today().format("%Y-%m").to_string()
+    };
     for (region, period) in [(BEIJING, this_month.as_str()), (BEIJING, "2025-13"), ("990000", "2025-01")] {
         let request =
             pb::RunMonthlyCreditRequest { region: region.into(), period: period.into(), ..Default::default() };
@@ -206,6 +236,7 @@ async fn who_gets_no_credit_and_why(backend: Backend) {
         period: "2025-01".into(),
         base: "1.00".into(),
         paid: true,
+        ..Default::default()
     };
     assert_refused(gw.admin().record_contribution(auth(unknown, OPERATOR_KEY)).await, Code::NotFound, "UNKNOWN_PERSON");
     let negative = pb::RecordContributionRequest {
@@ -213,6 +244,7 @@ async fn who_gets_no_credit_and_why(backend: Backend) {
         period: "2025-01".into(),
         base: "-1.00".into(),
         paid: true,
+        ..Default::default()
     };
     assert_refused(
         gw.admin().record_contribution(auth(negative, OPERATOR_KEY)).await,
@@ -234,7 +266,9 @@ async fn a_jilin_retiree_gets_2_8_percent_of_the_configured_pension(backend: Bac
     }
     let dir = policies.path().to_path_buf();
     let gw = TestGateway::start_adjusted(backend, move |config| config.policy_dir = Some(dir)).await;
+    set_today(&gw, "2025-01-02");
     person_born(&gw, "J1", JILIN, pb::PersonCategory::Retiree, "1950-01-01").await;
+    after_the_months(&gw);
     let run = credit_all(&gw, JILIN, "2025-07").await;
     // 3,218.45 × 2.8% = 90.1166 → 90.12; Jilin deducts no mutual-aid premium.
     assert_eq!((run.credited, run.total.as_str(), run.mutual_aid_total.as_str()), (1, "90.12", "0.00"));
@@ -441,6 +475,10 @@ async fn a_mid_year_transfer_out_settles_interest_first(backend: Backend) {
     assert_eq!((back.amount.as_str(), back.account_status()), ("500.00", pb::AccountStatus::Open));
     assert_eq!(gw.balance_of("J1").await, "500.00");
     gw.assert_quiet_cache_equals_ledger(&["J1".to_string()]).await;
+    // A replay answers what was done, whatever changed since (here the person's region).
+    upsert(&gw, "J1", BEIJING, pb::PersonCategory::Employee, "1980-01-01", pb::InsuranceStatus::Active).await;
+    let replay = gw.admin().transfer_out(auth(transfer_out_request("T1", "J1", BEIJING), OPERATOR_KEY)).await;
+    assert_eq!(replay.unwrap().into_inner(), out);
     gw.assert_books_balance().await;
 }
 
@@ -541,20 +579,22 @@ fn yibao(gw: &TestGateway, args: &[&str], on_ledger: bool) -> (Option<i32>, Stri
 }
 
 const CONTRIBUTIONS: &str = "\
-psn_no,period,base,paid
-C1,2025-08,12345.67,true
-C2,2025-08,8000.00,false
-NOBODY,2025-08,1.00,true
-C1,2025-13,1.00,true
-C2,2025-07,5360.25,yes
-C1,2025-08,9999.00,true
+psn_no,period,base,paid,category
+C1,2025-08,12345.67,true,
+C2,2025-08,8000.00,false,EMPLOYEE
+NOBODY,2025-08,1.00,true,
+C1,2025-13,1.00,true,
+C2,2025-07,5360.25,yes,employee
+C1,2025-08,9999.00,true,
+C3,2025-06,20000.00,true,EMPLOYEE
 ";
 
 async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backend: Backend) {
-    let gw = TestGateway::start_with(backend).await;
+    let gw = start_in_2025(backend).await;
     person_born(&gw, "C1", BEIJING, pb::PersonCategory::Employee, "1980-01-01").await;
     person_born(&gw, "C2", BEIJING, pb::PersonCategory::Employee, "1980-01-01").await;
     person_born(&gw, "C3", BEIJING, pb::PersonCategory::Retiree, "1950-01-01").await;
+    after_the_months(&gw);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("contributions.csv");
     std::fs::write(&file, CONTRIBUTIONS).unwrap();
@@ -562,7 +602,7 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
     let import = ["admin", "contributions", "import", file];
     let (code, stdout, stderr) = yibao(&gw, &import, true);
     assert_eq!(code, Some(1), "rows were refused: exit 1\n{stdout}\n{stderr}");
-    assert!(stdout.contains("contributions.csv: 3 imported, 0 already there, 3 refused (6 rows"), "{stdout}");
+    assert!(stdout.contains("contributions.csv: 4 imported, 0 already there, 3 refused (7 rows"), "{stdout}");
     for refusal in [
         "contributions.csv:4: unknown psn_no NOBODY",
         "contributions.csv:5: period: \"2025-13\" is not a month YYYY-MM",
@@ -570,8 +610,8 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
     ] {
         assert!(stderr.contains(refusal), "{refusal}\n{stderr}");
     }
-    let (_, stdout, _) = yibao(&gw, &import, true);
-    assert!(stdout.contains("contributions.csv: 0 imported, 3 already there, 3 refused (6 rows"), "{stdout}");
+    let (_, stdout, stderr) = yibao(&gw, &import, true);
+    assert!(stdout.contains("contributions.csv: 0 imported, 4 already there, 3 refused (7 rows"), "{stdout}\n{stderr}");
 
     let (code, stdout, stderr) =
         yibao(&gw, &["admin", "credit", "--region", BEIJING, "--period", "2025-08", "--step", "1"], false);
@@ -579,20 +619,21 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
     // Three calls of one account each, a progress line after each.
     assert_eq!(stderr.lines().filter(|l| l.starts_with("110000 2025-08: ")).count(), 3, "{stderr}");
     // C1 12,345.67 × 2% = 246.91; C3, over 70, 110.00 (less 3.00 mutual aid); C2's July paid later:
-    // 5,360.25 × 2% = 107.21.
+    // 5,360.25 × 2% = 107.21; C3's June, paid later for a month C3 still worked (EMPLOYEE in the
+    // file, a retiree now): 20,000.00 × 2% = 400.00.
     for line in [
         "  accounts looked at   3",
         "  credited             2  (already credited before: 0)",
         "  skipped              1  (NOT_PAID 1)",
-        "  back months credited 1",
-        "  money credited       464.12",
+        "  back months credited 2",
+        "  money credited       864.12",
         "  mutual aid deducted  3.00",
     ] {
         assert!(stdout.contains(line), "{line:?}\n{stdout}");
     }
     assert_eq!(gw.balance_of("C1").await, "246.91");
     assert_eq!(gw.balance_of("C2").await, "107.21");
-    assert_eq!(gw.balance_of("C3").await, "107.00");
+    assert_eq!(gw.balance_of("C3").await, "507.00");
     gw.assert_books_balance().await;
 }
 

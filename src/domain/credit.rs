@@ -85,6 +85,8 @@ pub struct Subject {
     pub category: PersonCategory,
     pub status: InsuranceStatus,
     pub account_status: AccountStatus,
+    /// The business date the account was opened (here: a transfer in or an import opens it).
+    pub account_opened: NaiveDate,
 }
 
 /// One posting a month's credit makes on the person's account; `amount` is positive and moves
@@ -120,6 +122,7 @@ pub enum Skip {
     CategoryNotCredited,
     BeforePolicy,
     PensionNotSet,
+    OpenedLater,
 }
 
 impl Skip {
@@ -134,6 +137,7 @@ impl Skip {
         Skip::CategoryNotCredited,
         Skip::BeforePolicy,
         Skip::PensionNotSet,
+        Skip::OpenedLater,
     ];
 
     pub fn name(self) -> &'static str {
@@ -148,6 +152,7 @@ impl Skip {
             Skip::CategoryNotCredited => "CATEGORY_NOT_CREDITED",
             Skip::BeforePolicy => "BEFORE_POLICY",
             Skip::PensionNotSet => "PENSION_NOT_SET",
+            Skip::OpenedLater => "OPENED_LATER",
         }
     }
 
@@ -163,6 +168,7 @@ impl Skip {
             Skip::CategoryNotCredited => "the person's category gets no account credit in this region",
             Skip::BeforePolicy => "the month is before the policy file's rules apply (crediting.rules_from)",
             Skip::PensionNotSet => "the region's retiree base (crediting.retiree_average_pension_2021) is not set",
+            Skip::OpenedLater => "the account was opened after the month, and no contribution is recorded for it",
         }
     }
 }
@@ -230,6 +236,9 @@ pub fn credit_for_month(
             match contribution {
                 Some(c) if !c.paid => return Err(Skip::NotPaid),
                 None if subject.status == InsuranceStatus::Suspended => return Err(Skip::Suspended),
+                // A month before the account existed here was credited where the person was then
+                // (a transfer in, an imported account), or is an operator's mistyped month.
+                None if subject.account_opened > period.last_day() => return Err(Skip::OpenedLater),
                 _ => {}
             }
             let amount = retiree_amount(rules, subject.birth_date, period)?;
@@ -273,6 +282,7 @@ mod tests {
             category,
             status: InsuranceStatus::Active,
             account_status: AccountStatus::Open,
+            account_opened: NaiveDate::from_ymd_opt(2022, 1, 1).unwrap(),
         }
     }
 
@@ -328,6 +338,10 @@ mod tests {
             ]
         );
         let birthday_month = credit_for_month(&bj, &who, month("2025-06"), None).unwrap();
+        let mut moved_in = who.clone();
+        moved_in.account_opened = NaiveDate::from_ymd_opt(2025, 7, 2).unwrap();
+        assert_eq!(credit_for_month(&bj, &moved_in, month("2025-06"), None), Err(Skip::OpenedLater));
+        assert!(credit_for_month(&bj, &moved_in, month("2025-07"), None).is_ok());
         assert_eq!(birthday_month[0].amount.to_string(), "110.00");
         assert_eq!(birthday_month[1].delta().to_string(), "-3.00");
         assert!(is_seventy(who.birth_date, month("2025-07"), Seventy::MonthAfterBirthday));

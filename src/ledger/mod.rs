@@ -139,6 +139,8 @@ pub trait Ledger: Send + Sync + 'static {
         limit: usize,
         only: Option<&str>,
     ) -> LedgerResult<Vec<InterestCandidate>>;
+    /// A transfer or liquidation done before under this request id.
+    async fn lifecycle(&self, request_id: &str) -> LedgerResult<Option<LifecycleRecord>>;
     /// Operator-entered interest rates of a region (`SetInterestRate`), in date order.
     async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>>;
     /// Stores a rate unless one is stored for that date already; then returns the stored one.

@@ -323,6 +323,7 @@ fn outcome_from_answer(value: &Value) -> LedgerResult<WriteResult> {
             "NO_PIN_DAILY_EXCEEDED" => WriteDecline::NoPinDailyExceeded { used: j_money(value, "used")? },
             "REQUEST_ID_REUSED" => WriteDecline::RequestIdReused,
             "NO_ACCOUNT" => WriteDecline::NoAccount,
+            "STALE" => WriteDecline::Stale,
             // A deadlock or a race with another gateway: nothing applied; the caller may retry.
             "HOLD_EXPIRED" | "RETRY" => WriteDecline::HoldExpired,
             other => return Err(corrupt(other)),
@@ -387,6 +388,7 @@ fn write_to_json(write: &LedgerWrite) -> Value {
             "psn_no": l.psn_no, "amount": l.amount.map(|m| m.to_string()), "open_account": l.open_account,
             "interest_through": l.interest.map(|(through, _)| day(through)),
             "interest": l.interest.map(|(_, amount)| amount.to_string()), "memo": l.memo,
+            "interest_seen": l.interest_seen.map(day),
             "business_date": day(l.business_date), "at": at(l.at),
         }),
     }
@@ -830,7 +832,12 @@ impl Ledger for PostgresLedger {
     }
 
     async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()> {
-        self.execute("UPDATE accounts SET status = $1 WHERE psn_no = $2", &[&status.name(), &psn_no]).await?;
+        // A closed account stays closed (freezing must not race a transfer out into reopening it).
+        self.execute(
+            "UPDATE accounts SET status = $1 WHERE psn_no = $2 AND status <> 'CLOSED'",
+            &[&status.name(), &psn_no],
+        )
+        .await?;
         Ok(())
     }
 
@@ -938,7 +945,7 @@ impl Ledger for PostgresLedger {
                 // Written so the generic plan walks persons by (region, psn_no) and probes each
                 // person's account, credit and contributions by key: a join or EXISTS here became a
                 // merge join over every account and a hashed scan of every credit, per chunk.
-                "SELECT p.psn_no, p.birth_date, p.category, p.status, a.account_id, a.status,
+                "SELECT p.psn_no, p.birth_date, p.category, p.status, a.account_id, a.status, a.opened_at,
                         (SELECT TRUE FROM credits c WHERE c.account_id = a.account_id AND c.period = $2
                                 AND c.kind = 'MONTHLY_CREDIT' LIMIT 1) IS NOT NULL,
                         (SELECT string_agg(k.period || ',' || (k.base * 100)::BIGINT || ',' || k.paid::INT || ','
@@ -948,7 +955,8 @@ impl Ledger for PostgresLedger {
                             AND NOT EXISTS (SELECT 1 FROM credits c WHERE c.account_id = a.account_id
                                             AND c.period = k.period AND c.kind = 'MONTHLY_CREDIT'))
                    FROM persons p
-                   JOIN LATERAL (SELECT account_id, status FROM accounts WHERE psn_no = p.psn_no LIMIT 1) a ON TRUE
+                   JOIN LATERAL (SELECT account_id, status, opened_at FROM accounts WHERE psn_no = p.psn_no LIMIT 1) a
+                     ON TRUE
                   WHERE p.region = $1 AND p.psn_no > $3
                   ORDER BY p.psn_no LIMIT $4",
                 &[&region, &period.to_string(), &after, &(limit as i64)],
@@ -956,7 +964,7 @@ impl Ledger for PostgresLedger {
             .await?;
         rows.iter()
             .map(|row| {
-                let text: Option<String> = row.get(7);
+                let text: Option<String> = row.get(8);
                 Ok(CreditCandidate {
                     psn_no: row.get(0),
                     account_id: row.get(4),
@@ -965,8 +973,9 @@ impl Ledger for PostgresLedger {
                         category: parse(row.get(2), PersonCategory::parse)?,
                         status: parse(row.get(3), InsuranceStatus::parse)?,
                         account_status: parse(row.get(5), AccountStatus::parse)?,
+                        account_opened: crate::clock::business_date(row.get(6)),
                     },
-                    period_done: row.get(6),
+                    period_done: row.get(7),
                     contributions: parse_contributions(text.as_deref().unwrap_or(""))
                         .ok_or_else(|| corrupt("contributions"))?,
                 })
@@ -1064,6 +1073,12 @@ impl Ledger for PostgresLedger {
         Ok(CreditsApplied { applied, changes: last_changes(changes) })
     }
 
+    async fn lifecycle(&self, request_id: &str) -> LedgerResult<Option<LifecycleRecord>> {
+        let row = self.query_opt("SELECT yibao_lifecycle_json($1)", &[&request_id]).await?;
+        let value: Option<Value> = row.and_then(|row| row.get(0));
+        value.map(|value| lifecycle_from_json(&value)).transpose()
+    }
+
     async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>> {
         let rows = self
             .query(
@@ -1099,7 +1114,18 @@ impl Ledger for PostgresLedger {
         if row.get::<_, bool>(0) {
             return Ok(Ok(()));
         }
-        let stored: Decimal = row.get(1);
+        // Taken by a concurrent call this statement's snapshot cannot see: read it now.
+        let stored: Decimal = match row.get::<_, Option<Decimal>>(1) {
+            Some(stored) => stored,
+            None => self
+                .query_opt(
+                    "SELECT annual_rate_percent FROM interest_rates WHERE region = $1 AND effective_from = $2",
+                    &[&region, &rate.effective_from],
+                )
+                .await?
+                .ok_or_else(|| corrupt("interest rate"))?
+                .get(0),
+        };
         Ok(Err(InterestRate { effective_from: rate.effective_from, annual_rate_percent: stored.normalize() }))
     }
 
@@ -1112,13 +1138,16 @@ impl Ledger for PostgresLedger {
         let periods: Vec<String> = chunk.rows.iter().map(|r| r.period.to_string()).collect();
         let bases: Vec<Decimal> = chunk.rows.iter().map(|r| r.base.as_decimal()).collect();
         let paid: Vec<bool> = chunk.rows.iter().map(|r| r.paid).collect();
+        let categories: Vec<Option<&str>> = chunk.rows.iter().map(|r| r.category.map(|c| c.name())).collect();
         let client = self.client().await?;
         // One statement: judged against what is recorded, then recorded (rows of a chunk have
         // distinct keys: the reader refuses repeats).
         let statement = deadline(client.prepare_cached(
-            "WITH r AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::NUMERIC[], $4::BOOLEAN[])
-                                 WITH ORDINALITY AS r(psn_no, period, base, paid, ord)),
-                  judged AS (SELECT r.*, p.category, k.base = r.base AND k.paid = r.paid AS same
+            "WITH r AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::NUMERIC[], $4::BOOLEAN[], $6::TEXT[])
+                                 WITH ORDINALITY AS r(psn_no, period, base, paid, given, ord)),
+                  judged AS (SELECT r.psn_no, r.period, r.base, r.paid, r.ord,
+                                    CASE WHEN p.psn_no IS NOT NULL THEN COALESCE(r.given, p.category) END AS category,
+                                    k.base = r.base AND k.paid = r.paid AND k.category = COALESCE(r.given, p.category) AS same
                                FROM r LEFT JOIN persons p ON p.psn_no = r.psn_no
                                LEFT JOIN contributions k ON k.psn_no = r.psn_no AND k.period = r.period),
                   recorded AS (INSERT INTO contributions (psn_no, period, base, paid, category, recorded_at)
@@ -1130,7 +1159,9 @@ impl Ledger for PostgresLedger {
              SELECT category IS NOT NULL, COALESCE(same, FALSE), (SELECT COUNT(*) FROM recorded) FROM judged ORDER BY ord",
         ))
         .await?;
-        let rows = import_deadline(client.query(&statement, &[&psn_nos, &periods, &bases, &paid, &chunk.at])).await?;
+        let rows =
+            import_deadline(client.query(&statement, &[&psn_nos, &periods, &bases, &paid, &chunk.at, &categories]))
+                .await?;
         if rows.len() != chunk.rows.len() {
             return Err(corrupt("one verdict per contribution row"));
         }

@@ -322,6 +322,9 @@ pub struct NewLifecycle {
     pub amount: Option<Money>,
     /// Out: interest up to the day before, paid first: (the last day it covers, amount).
     pub interest: Option<(NaiveDate, Money)>,
+    /// Out: the account's last paid interest period the interest was computed from. Should an
+    /// interest run have paid another meanwhile, the ledger declines ([`WriteDecline::Stale`]).
+    pub interest_seen: Option<NaiveDate>,
     /// TransferIn for a person without an account: open one (their category gets one).
     pub open_account: bool,
     /// The other region, or the liquidation's reason.
@@ -418,6 +421,9 @@ pub enum WriteDecline {
     HoldExpired,
     /// The person has no personal account (and none is to be opened).
     NoAccount,
+    /// What the write was computed from changed meanwhile (a lifecycle's interest basis): compute
+    /// it again.
+    Stale,
 }
 
 pub type WriteResult = Result<WriteOutcome, WriteDecline>;
@@ -602,6 +608,8 @@ pub struct ContributionImport {
     pub period: Period,
     pub base: Money,
     pub paid: bool,
+    /// What the person was that month; `None`: what the person is now.
+    pub category: Option<PersonCategory>,
 }
 
 /// One family row: `member_psn_no` may draw on `owner_psn_no`'s account.

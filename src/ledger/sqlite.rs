@@ -894,6 +894,16 @@ impl Writer<'_, '_> {
             }
             Some((id, _)) => id,
         };
+        if !incoming {
+            let seen: Option<String> = self.tx.query_row(
+                "SELECT MAX(period) FROM credits WHERE account_id = ?1 AND kind = 'INTEREST'",
+                [account_id],
+                |row| row.get(0),
+            )?;
+            if seen != new.interest_seen.map(date) {
+                return Ok(Err(WriteDecline::Stale));
+            }
+        }
         let mut changes = Vec::new();
         let mut interest = Money::ZERO;
         if let Some((through, amount)) = new.interest.filter(|(_, amount)| !amount.is_zero()) {
@@ -1379,7 +1389,11 @@ impl Ledger for SqliteLedger {
     async fn set_account_status(&self, psn_no: &str, status: AccountStatus) -> LedgerResult<()> {
         let psn_no = psn_no.to_string();
         self.write(move |conn, _| {
-            conn.execute("UPDATE accounts SET status = ?1 WHERE psn_no = ?2", params![status.name(), psn_no])?;
+            // A closed account stays closed (freezing must not race a transfer out into reopening it).
+            conn.execute(
+                "UPDATE accounts SET status = ?1 WHERE psn_no = ?2 AND status <> 'CLOSED'",
+                params![status.name(), psn_no],
+            )?;
             Ok(())
         })
         .await
@@ -1513,7 +1527,7 @@ impl Ledger for SqliteLedger {
         let (region, after, period) = (region.to_string(), after.to_string(), period.to_string());
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT p.psn_no, p.birth_date, p.category, p.status, a.account_id, a.status,
+                "SELECT p.psn_no, p.birth_date, p.category, p.status, a.account_id, a.status, a.opened_at,
                         EXISTS (SELECT 1 FROM credits c WHERE c.account_id = a.account_id AND c.period = ?2
                                 AND c.kind = 'MONTHLY_CREDIT'),
                         (SELECT group_concat(k.period || ',' || k.base_fen || ',' || k.paid || ',' || k.category, ';')
@@ -1526,7 +1540,7 @@ impl Ledger for SqliteLedger {
                   ORDER BY p.psn_no LIMIT ?4",
             )?;
             let rows = statement.query_map(params![region, period, after, limit as i64], |row| {
-                let text: Option<String> = row.get(7)?;
+                let text: Option<String> = row.get(8)?;
                 let text = text.unwrap_or_default();
                 Ok(CreditCandidate {
                     psn_no: row.get(0)?,
@@ -1535,10 +1549,11 @@ impl Ledger for SqliteLedger {
                         category: col_enum(row, 2, PersonCategory::parse)?,
                         status: col_enum(row, 3, InsuranceStatus::parse)?,
                         account_status: col_enum(row, 5, AccountStatus::parse)?,
+                        account_opened: crate::clock::business_date(col_ts(row, 6)?),
                     },
                     account_id: row.get(4)?,
-                    period_done: row.get(6)?,
-                    contributions: parse_contributions(&text).ok_or_else(|| bad_column(7, &text))?,
+                    period_done: row.get(7)?,
+                    contributions: parse_contributions(&text).ok_or_else(|| bad_column(8, &text))?,
                 })
             })?;
             rows.collect()
@@ -1587,6 +1602,11 @@ impl Ledger for SqliteLedger {
 
     async fn apply_credits(&self, batch: CreditBatch) -> LedgerResult<CreditsApplied> {
         self.write(move |conn, system| apply_credits_sync(conn, system, batch)).await
+    }
+
+    async fn lifecycle(&self, request_id: &str) -> LedgerResult<Option<LifecycleRecord>> {
+        let request_id = request_id.to_string();
+        self.read(move |conn| load_lifecycle(conn, &request_id)).await
     }
 
     async fn interest_rates(&self, region: &str) -> LedgerResult<Vec<InterestRate>> {
@@ -1767,7 +1787,7 @@ fn import_contributions_sync(conn: &mut Connection, chunk: ImportChunk<Contribut
     {
         let mut person = tx.prepare_cached("SELECT category FROM persons WHERE psn_no = ?1")?;
         let mut recorded =
-            tx.prepare_cached("SELECT base_fen, paid FROM contributions WHERE psn_no = ?1 AND period = ?2")?;
+            tx.prepare_cached("SELECT base_fen, paid, category FROM contributions WHERE psn_no = ?1 AND period = ?2")?;
         let mut upsert = tx.prepare_cached(
             "INSERT INTO contributions (psn_no, period, base_fen, paid, category, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (psn_no, period) DO UPDATE SET base_fen = excluded.base_fen, paid = excluded.paid,
@@ -1775,15 +1795,18 @@ fn import_contributions_sync(conn: &mut Connection, chunk: ImportChunk<Contribut
         )?;
         let at = ts(chunk.at);
         for row in &chunk.rows {
-            let Some(category) = person.query_row([&row.psn_no], |r| r.get::<_, String>(0)).optional()? else {
+            let Some(now) = person.query_row([&row.psn_no], |r| r.get::<_, String>(0)).optional()? else {
                 verdicts.push(ImportVerdict::Refused(format!("unknown psn_no {}", row.psn_no)));
                 continue;
             };
+            let category = row.category.map_or(now, |c| c.name().to_string());
             let period = row.period.to_string();
             let before = recorded
-                .query_row(params![row.psn_no, period], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?)))
+                .query_row(params![row.psn_no, period], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
+                })
                 .optional()?;
-            if before == Some((row.base.to_fen(), row.paid)) {
+            if before == Some((row.base.to_fen(), row.paid, category.clone())) {
                 verdicts.push(ImportVerdict::AlreadyThere);
                 continue;
             }

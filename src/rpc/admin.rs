@@ -141,7 +141,11 @@ impl AdminService for Services {
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
         let period = convert::period("period", &body.period)?;
         let base = convert::amount("base", &body.base)?;
-        crediting::record_contribution(&self.gateway, &psn_no, period, base, body.paid).await?;
+        let category = match body.category {
+            0 => None,
+            value => Some(convert::person_category(value)?),
+        };
+        crediting::record_contribution(&self.gateway, &psn_no, period, base, body.paid, category).await?;
         Ok(Response::new(pb::RecordContributionResponse {}))
     }
 

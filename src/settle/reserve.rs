@@ -216,5 +216,9 @@ pub fn decline_failure(decline: WriteDecline) -> Failure {
             "the ledger was too slow to commit in time; nothing was paid, retry",
         ),
         WriteDecline::NoAccount => Failure::new(Reason::NoAccount, "this person has no personal account"),
+        WriteDecline::Stale => Failure::new(
+            Reason::BackendUnavailable,
+            "the account changed while this was prepared; nothing was done, retry",
+        ),
     }
 }

@@ -548,6 +548,12 @@ BEGIN
     ELSIF NOT v_in AND v_status <> 'OPEN' THEN
         RETURN jsonb_build_object('decline', 'ACCOUNT_NOT_OPEN', 'account_id', v_account, 'status', v_status);
     END IF;
+    -- The interest was computed from the last paid period: an interest run that paid another since
+    -- (it holds the same row lock while it writes) means computing it again.
+    IF NOT v_in AND (SELECT MAX(period) FROM credits WHERE account_id = v_account AND kind = 'INTEREST')
+                    IS DISTINCT FROM w->>'interest_seen' THEN
+        RETURN jsonb_build_object('decline', 'STALE');
+    END IF;
     IF w->>'interest_through' IS NOT NULL AND (w->>'interest')::NUMERIC > 0
        AND NOT EXISTS (SELECT 1 FROM credits WHERE account_id = v_account AND period = w->>'interest_through' AND kind = 'INTEREST') THEN
         v_interest := (w->>'interest')::NUMERIC;
