@@ -134,8 +134,11 @@ run_credit() {
     # the 2% rounds every way.
     awk -F, -v OFS=, 'NR > 1 && NR % 4 == 0 { $5 = "RETIREE"; $3 = (NR % 8 == 0) ? "1950-06-15" : "1960-06-15" } 1' \
       "$pop/people.csv" >"$pop/people.mixed" && mv "$pop/people.mixed" "$pop/people.csv"
-    awk -F, -v p="$period" 'NR == 1 { print "psn_no,period,base,paid,category"; next } $5 != "RETIREE" {
-        printf "%s,%s,%d.%02d,true,EMPLOYEE\n", $1, p, 3000 + NR % 30000, NR % 100 }' "$pop/people.csv" >"$pop/contributions.csv"
+    # Retirees get a row too (base 0.00): their accounts open today, after the month credited, and a
+    # month before an account opened is credited only when a contribution row says so.
+    awk -F, -v p="$period" 'NR == 1 { print "psn_no,period,base,paid,category"; next }
+      $5 == "RETIREE" { printf "%s,%s,0.00,true,RETIREE\n", $1, p; next }
+      { printf "%s,%s,%d.%02d,true,EMPLOYEE\n", $1, p, 3000 + NR % 30000, NR % 100 }' "$pop/people.csv" >"$pop/contributions.csv"
   fi
   # shellcheck disable=SC2086
   start_gateway "$name-credit" $ledger_args $redis_args
