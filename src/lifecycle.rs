@@ -71,11 +71,17 @@ pub async fn transfer_in(
     psn_no: &str,
     from_region: &str,
     amount: Money,
+    value_date: Option<NaiveDate>,
 ) -> Outcome<LifecycleRecord> {
     if !is_region_code(from_region) {
         return Err(Failure::invalid("from_region", "must be a 6-digit region code like 110000"));
     }
-    let fingerprint = digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string()]);
+    let today = gateway.clock.today();
+    let value_date = value_date.unwrap_or(today);
+    if value_date > today {
+        return Err(Failure::invalid("value_date", "is in the future"));
+    }
+    let fingerprint = digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string(), &value_date.to_string()]);
     if let Some(done) = replayed(gateway, request_id, &fingerprint).await? {
         return Ok(done);
     }
@@ -104,7 +110,8 @@ pub async fn transfer_in(
         interest_seen: None,
         open_account,
         memo: format!("from {from_region}"),
-        business_date: gateway.clock.today(),
+        value_date,
+        business_date: today,
         at: now_micros(gateway),
     };
     commit(gateway, new).await
@@ -144,6 +151,7 @@ async fn closing(
             interest_seen,
             open_account: false,
             memo: memo.clone(),
+            value_date: today,
             business_date: today,
             at: now_micros(gateway),
         };

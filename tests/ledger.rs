@@ -301,6 +301,7 @@ async fn a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_pai
             interest_seen: seen,
             open_account: false,
             memo: "to 220000".into(),
+            value_date: day("2025-04-03"),
             business_date: day("2025-04-03"),
             at: now,
         })

@@ -465,15 +465,25 @@ async fn a_mid_year_transfer_out_settles_interest_first(backend: Backend) {
     let year = accrue(&gw, JILIN, "2025-12-31").await;
     assert_eq!((year.accounts, year.closed, year.credited, year.total.as_str()), (1, 1, 0, "0.00"));
     // Coming back: money transferred in reopens the account.
-    let back = pb::TransferInRequest {
+    let back = |value_date: &str| pb::TransferInRequest {
         request_id: "B1".into(),
         psn_no: "J1".into(),
         from_region: BEIJING.into(),
         amount: "500.00".into(),
+        value_date: value_date.into(),
     };
-    let back = gw.admin().transfer_in(auth(back, OPERATOR_KEY)).await.unwrap().into_inner();
+    assert_refused(
+        gw.admin().transfer_in(auth(back("2026-01-06"), OPERATOR_KEY)).await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    let back = gw.admin().transfer_in(auth(back("2026-01-02"), OPERATOR_KEY)).await.unwrap().into_inner();
     assert_eq!((back.amount.as_str(), back.account_status()), ("500.00", pb::AccountStatus::Open));
     assert_eq!(gw.balance_of("J1").await, "500.00");
+    // The money counts for interest from when Beijing sent it.
+    let request = pb::ListEntriesRequest { psn_no: "J1".into(), page_size: 1, ..Default::default() };
+    let newest = gw.account().list_entries(auth(request, OPERATOR_KEY)).await.unwrap().into_inner().entries;
+    assert_eq!((newest[0].kind(), newest[0].value_date.as_str()), (pb::EntryKind::TransferIn, "2026-01-02"));
     gw.assert_quiet_cache_equals_ledger(&["J1".to_string()]).await;
     // A replay answers what was done, whatever changed since (here the person's region).
     upsert(&gw, "J1", BEIJING, pb::PersonCategory::Employee, "1980-01-01", pb::InsuranceStatus::Active).await;
@@ -553,6 +563,7 @@ async fn statuses_decide_who_pays_and_liquidation_pays_out_once(backend: Backend
         psn_no: "H9".into(),
         from_region: BEIJING.into(),
         amount: "9.00".into(),
+        value_date: String::new(),
     };
     assert_refused(gw.admin().transfer_in(auth(incoming, OPERATOR_KEY)).await, Code::FailedPrecondition, "NO_ACCOUNT");
     gw.assert_books_balance().await;

@@ -329,6 +329,9 @@ pub enum AdminCommand {
         from_region: String,
         #[arg(long)]
         amount: String,
+        /// From when the money counts for interest, YYYY-MM-DD (default: today).
+        #[arg(long, default_value = "")]
+        value_date: String,
         #[arg(long)]
         request_id: Option<String>,
         #[command(flatten)]
@@ -850,9 +853,9 @@ async fn admin(client: &Client, command: AdminCommand) -> CallResult {
                 &client.admin().transfer_out(client.request(request)).await?.into_inner(),
             );
         }
-        AdminCommand::TransferIn { psn_no, from_region, amount, request_id, .. } => {
+        AdminCommand::TransferIn { psn_no, from_region, amount, value_date, request_id, .. } => {
             let request_id = request_id.unwrap_or_else(|| fresh_request_id("cli-transfer-in"));
-            let request = pb::TransferInRequest { request_id, psn_no, from_region, amount };
+            let request = pb::TransferInRequest { request_id, psn_no, from_region, amount, value_date };
             print_lifecycle("transferred in", &client.admin().transfer_in(client.request(request)).await?.into_inner());
         }
         AdminCommand::Liquidate { psn_no, reason, request_id, .. } => {

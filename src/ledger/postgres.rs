@@ -388,7 +388,7 @@ fn write_to_json(write: &LedgerWrite) -> Value {
             "psn_no": l.psn_no, "amount": l.amount.map(|m| m.to_string()), "open_account": l.open_account,
             "interest_through": l.interest.map(|(through, _)| day(through)),
             "interest": l.interest.map(|(_, amount)| amount.to_string()), "memo": l.memo,
-            "interest_seen": l.interest_seen.map(day),
+            "interest_seen": l.interest_seen.map(day), "value_date": day(l.value_date),
             "business_date": day(l.business_date), "at": at(l.at),
         }),
     }

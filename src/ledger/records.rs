@@ -329,6 +329,9 @@ pub struct NewLifecycle {
     pub open_account: bool,
     /// The other region, or the liquidation's reason.
     pub memo: String,
+    /// From when the money moved counts for interest: a transfer in may be dated back to when the
+    /// other region sent it; out, the day itself.
+    pub value_date: NaiveDate,
     pub business_date: NaiveDate,
     pub at: DateTime<Utc>,
 }

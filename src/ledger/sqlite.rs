@@ -949,8 +949,7 @@ impl Writer<'_, '_> {
         if !amount.is_zero() {
             let (kind, counterpart) = new.kind.txn();
             let delta = if incoming { amount } else { amount.negated() };
-            let txn_id =
-                self.new_txn(kind, &new.request_id, new.business_date, new.business_date, new.at, &new.memo)?;
+            let txn_id = self.new_txn(kind, &new.request_id, new.business_date, new.value_date, new.at, &new.memo)?;
             let mine = Posting { account_id, delta, family_use: false, setl_id: "", counterparty: counterpart.name() };
             match self.post(txn_id, new.business_date, &mine)? {
                 Ok((change, _)) => changes.push(change),

@@ -263,7 +263,9 @@ impl AdminService for Services {
         let request_id = convert::request_id("request_id", &body.request_id)?;
         let psn_no = convert::psn_no("psn_no", &body.psn_no)?;
         let amount = convert::money("amount", &body.amount)?;
-        let record = lifecycle::transfer_in(&self.gateway, &request_id, &psn_no, &body.from_region, amount).await?;
+        let value_date = convert::optional_date("value_date", &body.value_date)?;
+        let record =
+            lifecycle::transfer_in(&self.gateway, &request_id, &psn_no, &body.from_region, amount, value_date).await?;
         Ok(Response::new(lifecycle_to_pb(&record)))
     }
 

@@ -570,7 +570,7 @@ BEGIN
     IF v_amount <> 0 THEN
         v_delta := CASE WHEN v_in THEN v_amount ELSE -v_amount END;
         INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
-        VALUES (v_txn_kind, w->>'request_id', v_at, v_date, v_date, w->>'memo') RETURNING txn_id INTO v_txn;
+        VALUES (v_txn_kind, w->>'request_id', v_at, v_date, (w->>'value_date')::DATE, w->>'memo') RETURNING txn_id INTO v_txn;
         SELECT * INTO v_post FROM yibao_post(v_txn, v_account, v_delta, FALSE, '', v_counterpart, v_date);
         v_changes := v_changes || yibao_change(v_account, v_post.o_balance, v_post.o_seq);
         PERFORM yibao_post(v_txn, yibao_system(v_counterpart), -v_delta, FALSE, '', w->>'psn_no', v_date);
