@@ -107,6 +107,8 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
     if value_date > today {
         return Err(Failure::invalid("value_date", "is in the future"));
     }
+    // The value date as sent (none: empty), so a retry after midnight is still the same request.
+    let sent_value_date = command.value_date.map(|day| day.to_string()).unwrap_or_default();
     let person = gateway.person(&command.psn_no).await?;
     let account =
         person.account.ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
@@ -117,7 +119,7 @@ pub async fn adjust(gateway: &Arc<Gateway>, command: AdjustCommand) -> Outcome<A
         &amount,
         if command.credit { "credit" } else { "debit" },
         &command.reason,
-        &value_date.to_string(),
+        &sent_value_date,
     ]);
     let delta = if command.credit { command.amount } else { command.amount.negated() };
     let debit = delta.is_negative();

@@ -1,13 +1,13 @@
 //! Money coming in (DESIGN §1): contributions as recorded, the monthly crediting run, the
 //! operators' interest rates and the interest run. No gRPC here.
 
-use crate::domain::credit::{credit_for_month, Contribution, CreditLine, Period, Skip};
+use crate::domain::credit::{credit_for_month, CreditLine, Period, Skip};
 use crate::domain::interest;
 use crate::domain::policy::InterestRate;
 use crate::domain::{AccountStatus, Money, PersonCategory, SystemAccount, TxnKind};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::Gateway;
-use crate::ledger::{CreditBatch, CreditPosting, InterestCandidate};
+use crate::ledger::{ContributionImport, CreditBatch, CreditPosting, ImportChunk, ImportVerdict, InterestCandidate};
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
@@ -17,8 +17,8 @@ use std::sync::Arc;
 pub const CREDIT_CHUNK: usize = 2_000;
 
 /// Records a month's contribution for a person (replacing what was recorded for that month), with
-/// the person's category in that month (by default, what the person is now): a back payment is
-/// credited by it.
+/// the person's category in that month: given, else what was recorded for that month before, else
+/// what the person is now. A back payment is credited by it.
 pub async fn record_contribution(
     gateway: &Gateway,
     psn_no: &str,
@@ -30,12 +30,17 @@ pub async fn record_contribution(
     if period > Period::of(gateway.clock.today()) {
         return Err(Failure::invalid("period", format!("{period} is in the future")));
     }
-    let person = gateway.person(psn_no).await?;
-    let contribution = Contribution { period, base, paid, category: category.unwrap_or(person.category) };
-    if !gateway.ledger.record_contribution(psn_no, contribution, gateway.clock.now()).await? {
-        return Err(Failure::new(Reason::UnknownPerson, "no such person"));
+    let row = ContributionImport { line: 1, psn_no: psn_no.to_string(), period, base, paid, category };
+    let chunk = ImportChunk {
+        rows: vec![row],
+        at: gateway.clock.now(),
+        business_date: gateway.clock.today(),
+        reference: format!("RecordContribution {period}"),
+    };
+    match gateway.ledger.import_contributions(chunk).await?.pop() {
+        Some(ImportVerdict::Applied | ImportVerdict::AlreadyThere) => Ok(()),
+        _ => Err(Failure::new(Reason::UnknownPerson, "no such person")),
     }
-    Ok(())
 }
 
 /// What a crediting run did, so far or in all.

@@ -16,9 +16,10 @@
 //! People files: `psn_no,name,birth_date,region,category,status,opening_balance` (a header row, any
 //! column order; `status` empty = ACTIVE, `opening_balance` empty = 0.00). Family files:
 //! `owner_psn_no,member_psn_no,relation` — the member may draw on the owner's account.
-//! Contribution files (`yibao admin contributions import`): `psn_no,period,base,paid,category` — a
+//! Contribution files (`yibao admin contributions import`): `psn_no,period,base,paid[,category]` — a
 //! month's contribution base, whether it was paid in full, and what the person was that month
-//! (empty: what the person is now), which the next crediting run credits.
+//! (column absent or empty: as recorded for that month before, else what the person is now), which
+//! the next crediting run credits.
 
 use crate::domain::credit::Period;
 use crate::domain::family::link_refusal;
@@ -148,6 +149,7 @@ impl Importer {
         let chunks = read_chunks(
             path.to_path_buf(),
             PEOPLE_COLUMNS,
+            &[],
             self.chunk_rows,
             move |line, fields| person_row(line, fields, &policies, today),
             |row: &PersonImport| row.person.psn_no.clone(),
@@ -186,6 +188,7 @@ impl Importer {
         let chunks = read_chunks(
             path.to_path_buf(),
             CONTRIBUTION_COLUMNS,
+            &["category"],
             self.chunk_rows,
             move |line, fields| contribution_row(line, fields, today),
             |row: &ContributionImport| format!("{}/{}", row.psn_no, row.period),
@@ -198,6 +201,7 @@ impl Importer {
         let chunks = read_chunks(
             path.to_path_buf(),
             FAMILY_COLUMNS,
+            &[],
             self.chunk_rows,
             family_row,
             |row: &FamilyImport| format!("{}/{}", row.owner_psn_no, row.member_psn_no),
@@ -299,11 +303,13 @@ async fn finish(reader: ReaderHandle, path: &Path) -> Result<(), ImportError> {
     }
 }
 
-/// Starts the reader thread: parses `path` (its header must hold exactly `columns`), validates each
+/// Starts the reader thread: parses `path` (its header must hold `columns`, those in `optional` may
+/// be left out, and nothing else), validates each
 /// row with `parse`, and hands over chunks of `chunk_rows`. Also returns the file's size.
 fn read_chunks<T: Send + 'static>(
     path: PathBuf,
     columns: &'static [&'static str],
+    optional: &'static [&'static str],
     chunk_rows: usize,
     parse: impl Fn(u64, &HashMap<&str, &str>) -> Result<T, String> + Send + 'static,
     key: impl Fn(&T) -> String + Send + 'static,
@@ -329,7 +335,7 @@ fn read_chunks<T: Send + 'static>(
             return Err(file_error(format!("unknown column {name:?}; the columns are {}", columns.join(","))));
         }
     }
-    for column in columns {
+    for column in columns.iter().filter(|column| !optional.contains(column)) {
         if !header.iter().any(|name| name == column) {
             return Err(file_error(format!("missing column {column:?}; the columns are {}", columns.join(","))));
         }

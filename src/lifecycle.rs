@@ -4,7 +4,7 @@
 
 use crate::crediting::interest_rates;
 use crate::domain::interest::{interest_between, period_containing};
-use crate::domain::{is_region_code, AccountStatus, InsuranceStatus, Money};
+use crate::domain::{is_region_code, InsuranceStatus, Money};
 use crate::error::{Failure, Outcome, Reason};
 use crate::gateway::{digest, Gateway};
 use crate::ledger::{LedgerWrite, LifecycleKind, LifecycleRecord, NewLifecycle, PersonRecord, WriteOutcome};
@@ -76,12 +76,9 @@ pub async fn transfer_in(
     if !is_region_code(from_region) {
         return Err(Failure::invalid("from_region", "must be a 6-digit region code like 110000"));
     }
-    let today = gateway.clock.today();
-    let value_date = value_date.unwrap_or(today);
-    if value_date > today {
-        return Err(Failure::invalid("value_date", "is in the future"));
-    }
-    let fingerprint = digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string(), &value_date.to_string()]);
+    // The value date as sent (none: empty), so a retry after midnight is still the same request.
+    let sent_value_date = value_date.map(|day| day.to_string()).unwrap_or_default();
+    let fingerprint = digest(&["transfer-in/v1", psn_no, from_region, &amount.to_string(), &sent_value_date]);
     if let Some(done) = replayed(gateway, request_id, &fingerprint).await? {
         return Ok(done);
     }
@@ -91,6 +88,28 @@ pub async fn transfer_in(
     }
     if person.status == InsuranceStatus::Terminated {
         return Err(Failure::new(Reason::PersonTerminated, "the person's insurance is terminated"));
+    }
+    let today = gateway.clock.today();
+    let value_date = value_date.unwrap_or(today);
+    if value_date > today {
+        return Err(Failure::invalid("value_date", "is in the future"));
+    }
+    // Money dated into a period whose interest is paid would never earn it (or earn it twice).
+    let paid_through = match &person.account {
+        Some(_) => gateway
+            .ledger
+            .interest_candidates(&person.region, today, today, "", 1, Some(psn_no))
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|candidate| candidate.settled_through),
+        None => None,
+    };
+    if let Some(paid_through) = paid_through.filter(|paid| value_date <= *paid) {
+        return Err(Failure::invalid(
+            "value_date",
+            format!("interest on this account is paid through {paid_through}; date the money after it"),
+        ));
     }
     let policy = gateway.policy(&person.region)?;
     let open_account = person.account.is_none() && policy.has_account(person.category);
@@ -128,19 +147,16 @@ async fn closing(
     fingerprint: String,
     memo: String,
 ) -> Outcome<LifecycleRecord> {
-    let account = person
-        .account
-        .as_ref()
-        .ok_or_else(|| Failure::new(Reason::NoAccount, "this person has no personal account"))?;
+    if person.account.is_none() {
+        return Err(Failure::new(Reason::NoAccount, "this person has no personal account"));
+    }
     let mut attempts = 0;
     loop {
         attempts += 1;
         let today = gateway.clock.today();
-        let (interest, interest_seen) = match account.status {
-            AccountStatus::Open => interest_to_yesterday(gateway, person, today).await?,
-            // Refused by the ledger.
-            _ => (None, None),
-        };
+        // Computed whatever the status read before says: the ledger refuses an account that is not
+        // open, and one unfrozen meanwhile must not close without its interest.
+        let (interest, interest_seen) = interest_to_yesterday(gateway, person, today).await?;
         let new = NewLifecycle {
             request_id: request_id.to_string(),
             fingerprint: fingerprint.clone(),
@@ -213,7 +229,12 @@ async fn interest_to_yesterday(
     };
     let rates = interest_rates(gateway, &person.region).await?;
     let amount = interest_between(&candidate.amounts, &rates, policy.interest.rate_applies, settlement, from, through)
-        .map_err(|message| Failure::new(Reason::Internal, format!("region {}: {message}", person.region)))?;
+        .map_err(|message| {
+            Failure::new(
+                Reason::InvalidArgument,
+                format!("region {}: {message}; enter the rate with SetInterestRate", person.region),
+            )
+        })?;
     Ok(((!amount.is_zero()).then_some((through, amount)), seen))
 }
 

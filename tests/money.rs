@@ -569,6 +569,31 @@ async fn statuses_decide_who_pays_and_liquidation_pays_out_once(backend: Backend
     gw.assert_books_balance().await;
 }
 
+/// A month recorded again without a category keeps the category it was recorded with (a back
+/// payment after the person retired is still an employee month); a category may also be given.
+async fn a_month_recorded_again_keeps_its_category(backend: Backend) {
+    let gw = start_in_2025(backend).await;
+    person_born(&gw, "K1", BEIJING, pb::PersonCategory::Employee, "1950-03-03").await;
+    after_the_months(&gw);
+    contribution(&gw, "K1", "2025-06", "20000.00", false).await;
+    upsert(&gw, "K1", BEIJING, pb::PersonCategory::Retiree, "1950-03-03", pb::InsuranceStatus::Active).await;
+    contribution(&gw, "K1", "2025-06", "20000.00", true).await;
+    let may = pb::RecordContributionRequest {
+        psn_no: "K1".into(),
+        period: "2025-05".into(),
+        base: "10000.00".into(),
+        paid: true,
+        category: pb::PersonCategory::Employee as i32,
+    };
+    gw.admin().record_contribution(auth(may, OPERATOR_KEY)).await.expect("record with a category");
+    // July as a retiree of 75: 110.00 − 3.00; June and May as employee months: 400.00 + 200.00.
+    let july = credit_all(&gw, BEIJING, "2025-07").await;
+    assert_eq!((july.credited, july.back_months_credited), (1, 2));
+    assert_eq!((july.total.as_str(), july.mutual_aid_total.as_str()), ("710.00", "3.00"));
+    assert_eq!(gw.balance_of("K1").await, "707.00");
+    gw.assert_books_balance().await;
+}
+
 /// Runs the `yibao` binary with `args`, on this gateway's ledger (imports) or server (calls).
 fn yibao(gw: &TestGateway, args: &[&str], on_ledger: bool) -> (Option<i32>, String, String) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_yibao"));
@@ -623,6 +648,12 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
     }
     let (_, stdout, stderr) = yibao(&gw, &import, true);
     assert!(stdout.contains("contributions.csv: 0 imported, 4 already there, 3 refused (7 rows"), "{stdout}\n{stderr}");
+    // The category column may be left out.
+    let short = dir.path().join("short.csv");
+    std::fs::write(&short, "psn_no,period,base,paid\nC2,2025-09,1000.00,true\n").unwrap();
+    let (code, stdout, stderr) = yibao(&gw, &["admin", "contributions", "import", short.to_str().unwrap()], true);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("short.csv: 1 imported, 0 already there, 0 refused (1 rows"), "{stdout}");
 
     let (code, stdout, stderr) =
         yibao(&gw, &["admin", "credit", "--region", BEIJING, "--period", "2025-08", "--step", "1"], false);
@@ -649,6 +680,7 @@ async fn contributions_imported_from_csv_are_credited_by_the_operators_run(backe
 }
 
 on_both_backends!(
+    a_month_recorded_again_keeps_its_category,
     a_mid_year_transfer_out_settles_interest_first,
     statuses_decide_who_pays_and_liquidation_pays_out_once,
     a_beijing_quarter_is_paid_on_value_dates_once,

@@ -31,9 +31,11 @@ pub struct ImportArgs {
 /// `yibao admin contributions …`
 #[derive(Debug, Subcommand)]
 pub enum ContributionsCommand {
-    /// Months' contributions from CSV straight into the ledger: columns psn_no,period,base,paid
-    /// (period YYYY-MM, paid true/false). A month recorded before is replaced (a month paid later,
-    /// 补缴); the next `yibao admin credit` credits what is paid. Row by row, re-runnable.
+    /// Months' contributions from CSV straight into the ledger: columns psn_no,period,base,paid and
+    /// optionally category (period YYYY-MM, paid true/false, category the person's in that month;
+    /// absent or empty: as recorded for the month before, else as now). A month recorded before is
+    /// replaced (a month paid later, 补缴); the next `yibao admin credit` credits what is paid. Row
+    /// by row, re-runnable.
     Import {
         /// The CSV file.
         file: PathBuf,

@@ -15,7 +15,7 @@ pub mod sqlite;
 
 pub use records::*;
 
-use crate::domain::credit::{Contribution, Period};
+use crate::domain::credit::Period;
 use crate::domain::policy::InterestRate;
 use crate::domain::{AccountStatus, CardStatus, Money, Relation};
 use async_trait::async_trait;
@@ -108,13 +108,6 @@ pub trait Ledger: Send + Sync + 'static {
         check: FamilyCheck,
     ) -> LedgerResult<Vec<ImportVerdict>>;
     // --- money coming in ---
-    /// Records (or replaces) a month's contribution. `false` when the person is unknown.
-    async fn record_contribution(
-        &self,
-        psn_no: &str,
-        contribution: Contribution,
-        at: DateTime<Utc>,
-    ) -> LedgerResult<bool>;
     /// People of `region` with an account, in `psn_no` order after `after`, at most `limit`, with
     /// what a crediting run for `period` needs to know of each.
     async fn credit_candidates(
@@ -151,9 +144,10 @@ pub trait Ledger: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> LedgerResult<Result<(), InterestRate>>;
 
-    /// Contributions (`yibao admin contributions import`): a row for an unknown person is refused;
-    /// the same month with the same base and paid flag is already there; anything else records or
-    /// replaces the month, with the person's category now (as `record_contribution`).
+    /// Contributions (`yibao admin contributions import`, `RecordContribution`): a row for an unknown
+    /// person is refused; the same month with the same base, paid flag and category is already
+    /// there; anything else records or replaces the month. A row without a category keeps the one
+    /// recorded for that month before, else takes the person's category now.
     async fn import_contributions(&self, chunk: ImportChunk<ContributionImport>) -> LedgerResult<Vec<ImportVerdict>>;
     /// After an import: refresh the query planner's statistics, so the first payments on millions of
     /// new rows do not run on plans made for an empty table.

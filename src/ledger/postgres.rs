@@ -6,7 +6,7 @@
 //! call has a deadline; a failure to reach the database is `LedgerUnavailable`.
 
 use super::*;
-use crate::domain::credit::{Contribution, Period, Subject};
+use crate::domain::credit::{Period, Subject};
 use crate::domain::family::Party;
 use crate::domain::policy::InterestRate;
 use crate::domain::{
@@ -908,31 +908,6 @@ impl Ledger for PostgresLedger {
         Ok(true)
     }
 
-    async fn record_contribution(
-        &self,
-        psn_no: &str,
-        contribution: Contribution,
-        at: DateTime<Utc>,
-    ) -> LedgerResult<bool> {
-        let changed = self
-            .execute(
-                "INSERT INTO contributions (psn_no, period, base, paid, category, recorded_at)
-                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM persons WHERE psn_no = $1)
-                 ON CONFLICT (psn_no, period) DO UPDATE SET base = excluded.base, paid = excluded.paid,
-                     category = excluded.category, recorded_at = excluded.recorded_at",
-                &[
-                    &psn_no,
-                    &contribution.period.to_string(),
-                    &contribution.base.as_decimal(),
-                    &contribution.paid,
-                    &contribution.category.name(),
-                    &at,
-                ],
-            )
-            .await?;
-        Ok(changed == 1)
-    }
-
     async fn credit_candidates(
         &self,
         region: &str,
@@ -1146,8 +1121,10 @@ impl Ledger for PostgresLedger {
             "WITH r AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::NUMERIC[], $4::BOOLEAN[], $6::TEXT[])
                                  WITH ORDINALITY AS r(psn_no, period, base, paid, given, ord)),
                   judged AS (SELECT r.psn_no, r.period, r.base, r.paid, r.ord,
-                                    CASE WHEN p.psn_no IS NOT NULL THEN COALESCE(r.given, p.category) END AS category,
-                                    k.base = r.base AND k.paid = r.paid AND k.category = COALESCE(r.given, p.category) AS same
+                                    CASE WHEN p.psn_no IS NOT NULL THEN COALESCE(r.given, k.category, p.category) END
+                                        AS category,
+                                    k.base = r.base AND k.paid = r.paid
+                                        AND k.category = COALESCE(r.given, k.category, p.category) AS same
                                FROM r LEFT JOIN persons p ON p.psn_no = r.psn_no
                                LEFT JOIN contributions k ON k.psn_no = r.psn_no AND k.period = r.period),
                   recorded AS (INSERT INTO contributions (psn_no, period, base, paid, category, recorded_at)

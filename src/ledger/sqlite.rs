@@ -3,7 +3,7 @@
 //! connections; every call runs on tokio's blocking pool, never on the async workers.
 
 use super::*;
-use crate::domain::credit::{Contribution, Period, Subject};
+use crate::domain::credit::{Period, Subject};
 use crate::domain::family::Party;
 use crate::domain::policy::InterestRate;
 use crate::domain::{
@@ -886,7 +886,10 @@ impl Writer<'_, '_> {
             }
             None => return Ok(Err(WriteDecline::NoAccount)),
             Some((id, AccountStatus::Closed)) if incoming => {
-                self.tx.prepare_cached("UPDATE accounts SET status = 'OPEN' WHERE account_id = ?1")?.execute([id])?;
+                // Opened again: months before it were credited where the person was.
+                self.tx
+                    .prepare_cached("UPDATE accounts SET status = 'OPEN', opened_at = ?2 WHERE account_id = ?1")?
+                    .execute(params![id, ts(new.at)])?;
                 id
             }
             Some((id, status)) if !incoming && status != AccountStatus::Open => {
@@ -1489,33 +1492,6 @@ impl Ledger for SqliteLedger {
         .await
     }
 
-    async fn record_contribution(
-        &self,
-        psn_no: &str,
-        contribution: Contribution,
-        at: DateTime<Utc>,
-    ) -> LedgerResult<bool> {
-        let psn_no = psn_no.to_string();
-        self.write(move |conn, _| {
-            let changed = conn.execute(
-                "INSERT INTO contributions (psn_no, period, base_fen, paid, category, recorded_at)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM persons WHERE psn_no = ?1)
-                 ON CONFLICT (psn_no, period) DO UPDATE SET base_fen = excluded.base_fen, paid = excluded.paid,
-                     category = excluded.category, recorded_at = excluded.recorded_at",
-                params![
-                    psn_no,
-                    contribution.period.to_string(),
-                    contribution.base.to_fen(),
-                    contribution.paid,
-                    contribution.category.name(),
-                    ts(at)
-                ],
-            )?;
-            Ok(changed == 1)
-        })
-        .await
-    }
-
     async fn credit_candidates(
         &self,
         region: &str,
@@ -1798,13 +1774,18 @@ fn import_contributions_sync(conn: &mut Connection, chunk: ImportChunk<Contribut
                 verdicts.push(ImportVerdict::Refused(format!("unknown psn_no {}", row.psn_no)));
                 continue;
             };
-            let category = row.category.map_or(now, |c| c.name().to_string());
             let period = row.period.to_string();
             let before = recorded
                 .query_row(params![row.psn_no, period], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
                 })
                 .optional()?;
+            // Given; else as recorded for the month before; else the person's now.
+            let category = match (row.category, &before) {
+                (Some(given), _) => given.name().to_string(),
+                (None, Some((_, _, recorded))) => recorded.clone(),
+                (None, None) => now,
+            };
             if before == Some((row.base.to_fen(), row.paid, category.clone())) {
                 verdicts.push(ImportVerdict::AlreadyThere);
                 continue;

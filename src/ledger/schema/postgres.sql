@@ -544,7 +544,8 @@ BEGIN
         END IF;
         INSERT INTO accounts (psn_no, status, opened_at) VALUES (w->>'psn_no', 'OPEN', v_at) RETURNING account_id INTO v_account;
     ELSIF v_in AND v_status = 'CLOSED' THEN
-        UPDATE accounts SET status = 'OPEN' WHERE account_id = v_account;
+        -- Opened again: months before it were credited where the person was.
+        UPDATE accounts SET status = 'OPEN', opened_at = v_at WHERE account_id = v_account;
     ELSIF NOT v_in AND v_status <> 'OPEN' THEN
         RETURN jsonb_build_object('decline', 'ACCOUNT_NOT_OPEN', 'account_id', v_account, 'status', v_status);
     END IF;
