@@ -161,6 +161,7 @@ pub async fn run_monthly_credit(
                                 period: period.to_string(),
                                 value_date: today,
                                 line,
+                                interest_seen: None,
                             });
                             run_month.push(true);
                         }
@@ -178,6 +179,7 @@ pub async fn run_monthly_credit(
                                 period: back.period.to_string(),
                                 value_date: today,
                                 line,
+                                interest_seen: None,
                             });
                             run_month.push(false);
                         }
@@ -437,5 +439,6 @@ pub fn interest_posting(candidate: &InterestCandidate, through: NaiveDate, amoun
         period: through.to_string(),
         value_date: through,
         line: CreditLine { kind: TxnKind::Interest, amount, counterpart: SystemAccount::InterestExpense },
+        interest_seen: Some(candidate.settled_through.map(|day| day.to_string()).unwrap_or_default()),
     }
 }

@@ -313,6 +313,7 @@ async fn a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_pai
         period: "2025-03-31".into(),
         value_date: day("2025-03-31"),
         line: CreditLine { kind: TxnKind::Interest, amount: yuan("8.75"), counterpart: SystemAccount::InterestExpense },
+        interest_seen: Some(String::new()),
     };
     let batch = CreditBatch {
         postings: vec![q1],
@@ -321,6 +322,23 @@ async fn a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_pai
         at: now,
     };
     assert_eq!(ledger.apply_credits(batch).await.unwrap().applied, vec![true]);
+    // An interest run's line computed before that payment (it saw none paid) is not applied either.
+    let q2 = |seen: &str| CreditPosting {
+        account_id: account,
+        psn_no: "P1".into(),
+        period: "2025-06-30".into(),
+        value_date: day("2025-06-30"),
+        line: CreditLine { kind: TxnKind::Interest, amount: yuan("0.50"), counterpart: SystemAccount::InterestExpense },
+        interest_seen: Some(seen.into()),
+    };
+    let batch = |line| CreditBatch {
+        postings: vec![line],
+        reference: "interest".into(),
+        business_date: day("2025-07-01"),
+        at: now,
+    };
+    assert_eq!(ledger.apply_credits(batch(q2(""))).await.unwrap().applied, vec![false]);
+    assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, yuan("1008.75"));
     let stale = ledger.commit_batch(vec![transfer(None)]).await.unwrap();
     assert_eq!(stale[0].as_ref().unwrap_err(), &WriteDecline::Stale);
     assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, yuan("1008.75"));

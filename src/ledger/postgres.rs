@@ -1013,6 +1013,7 @@ impl Ledger for PostgresLedger {
                         "kind": p.line.kind.name(),
                         "delta": p.line.delta().to_string(),
                         "counterpart": p.line.counterpart.name(),
+                        "seen": p.interest_seen,
                     })
                 })
                 .collect(),

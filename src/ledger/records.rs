@@ -695,6 +695,9 @@ pub struct CreditPosting {
     /// The ledger transaction's value date: from when the money counts for interest.
     pub value_date: NaiveDate,
     pub line: CreditLine,
+    /// An interest line: the account's last paid interest period it was computed from. Should a
+    /// closure have paid interest since (and the account been reopened), the line is not applied.
+    pub interest_seen: Option<String>,
 }
 
 /// Lines committed in one transaction; each (account, month, kind) at most once, ever.

@@ -1676,6 +1676,8 @@ fn apply_credits_sync(
     {
         let mut done =
             tx.prepare_cached("SELECT 1 FROM credits WHERE account_id = ?1 AND period = ?2 AND kind = ?3")?;
+        let mut last_interest =
+            tx.prepare_cached("SELECT MAX(period) FROM credits WHERE account_id = ?1 AND kind = 'INTEREST'")?;
         let mut update = tx.prepare_cached(
             "UPDATE accounts SET balance_fen = balance_fen + ?1, seq = seq + 1
               WHERE account_id = ?2 AND status <> 'CLOSED' AND balance_fen + ?1 >= 0
@@ -1697,6 +1699,13 @@ fn apply_credits_sync(
             if done.exists(params![line.account_id, period, kind.name()])? {
                 applied.push(false);
                 continue;
+            }
+            if let Some(seen) = &line.interest_seen {
+                let last: Option<String> = last_interest.query_row([line.account_id], |row| row.get(0))?;
+                if last.unwrap_or_default() != *seen {
+                    applied.push(false);
+                    continue;
+                }
             }
             let delta = line.line.delta().to_fen();
             let Some((balance, seq)) = update

@@ -866,8 +866,9 @@ CREATE TABLE IF NOT EXISTS interest_rates (
 );
 
 -- A crediting batch (apply_credits): p_lines is a JSON array of {account_id, period, value_date,
--- kind, delta, counterpart}, in order. A line already credited (same account, month, kind) or on a
--- closed account is skipped; the others post on the personal account and, per (period, kind,
+-- kind, delta, counterpart, seen}, in order. A line already credited (same account, month, kind),
+-- on a closed account, or an interest line computed from another last paid period than the
+-- account has now (`seen`) is skipped; the others post on the personal account and, per (period, kind,
 -- counterpart), one transaction whose counterpart posting takes the group's total. Returns
 -- {applied: [bool…], accounts: […], balances: […], seqs: […]}: every personal posting's state
 -- after, in order (the caller keeps each account's last).
@@ -895,10 +896,13 @@ BEGIN
         FOR g IN
             SELECT DISTINCT l.period, l.kind, l.counterpart, l.value_date
               FROM jsonb_to_recordset(p_lines)
-                   AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT)
+                   AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT,
+                        seen TEXT)
               JOIN accounts a ON a.account_id = l.account_id AND a.account_id = ANY (v_ids) AND a.status <> 'CLOSED'
              WHERE NOT EXISTS (SELECT 1 FROM credits c
                                 WHERE c.account_id = l.account_id AND c.period = l.period AND c.kind = l.kind)
+               AND (l.seen IS NULL OR l.seen = COALESCE((SELECT MAX(c.period) FROM credits c
+                                                          WHERE c.account_id = l.account_id AND c.kind = 'INTEREST'), ''))
         LOOP
             INSERT INTO txns (kind, ref, at, business_date, value_date, memo)
             VALUES (g.kind, p_ref, p_at, p_date, g.value_date, g.period) RETURNING txn_id INTO v_txn;
@@ -907,13 +911,16 @@ BEGIN
         END LOOP;
         WITH l AS (
             SELECT * FROM ROWS FROM (jsonb_to_recordset(p_lines)
-                   AS (account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT))
-                   WITH ORDINALITY AS l(account_id, period, value_date, kind, delta, counterpart, ord)
+                   AS (account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT,
+                       seen TEXT))
+                   WITH ORDINALITY AS l(account_id, period, value_date, kind, delta, counterpart, seen, ord)
         ), ok AS (
             SELECT l.*, v_txns[array_position(v_keys, l.period || '/' || l.kind || '/' || l.counterpart)] AS txn_id
               FROM l JOIN accounts a ON a.account_id = l.account_id AND a.account_id = ANY (v_ids) AND a.status <> 'CLOSED'
              WHERE NOT EXISTS (SELECT 1 FROM credits c
                                 WHERE c.account_id = l.account_id AND c.period = l.period AND c.kind = l.kind)
+               AND (l.seen IS NULL OR l.seen = COALESCE((SELECT MAX(c.period) FROM credits c
+                                                          WHERE c.account_id = l.account_id AND c.kind = 'INTEREST'), ''))
         ), credit AS (
             INSERT INTO credits (account_id, period, kind, amount, txn_id)
             SELECT account_id, period, kind, abs(delta), txn_id FROM ok
@@ -983,10 +990,11 @@ DECLARE
     v_post RECORD;
 BEGIN
     FOR r IN SELECT * FROM jsonb_to_recordset(p_lines)
-             AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT)
+             AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT, seen TEXT)
     LOOP
         PERFORM 1 FROM credits WHERE account_id = r.account_id AND period = r.period AND kind = r.kind;
-        IF FOUND THEN
+        IF FOUND OR (r.seen IS NOT NULL AND r.seen <> COALESCE((SELECT MAX(c.period) FROM credits c
+                                                                 WHERE c.account_id = r.account_id AND c.kind = 'INTEREST'), '')) THEN
             v_applied := array_append(v_applied, FALSE);
             CONTINUE;
         END IF;
