@@ -898,8 +898,8 @@ BEGIN
               FROM jsonb_to_recordset(p_lines)
                    AS l(account_id BIGINT, period TEXT, value_date DATE, kind TEXT, delta NUMERIC, counterpart TEXT,
                         seen TEXT)
-              JOIN accounts a ON a.account_id = l.account_id AND a.account_id = ANY (v_ids) AND a.status <> 'CLOSED'
-             WHERE NOT EXISTS (SELECT 1 FROM credits c
+             WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = l.account_id AND a.status <> 'CLOSED')
+               AND NOT EXISTS (SELECT 1 FROM credits c
                                 WHERE c.account_id = l.account_id AND c.period = l.period AND c.kind = l.kind)
                AND (l.seen IS NULL OR l.seen = COALESCE((SELECT MAX(c.period) FROM credits c
                                                           WHERE c.account_id = l.account_id AND c.kind = 'INTEREST'), ''))
@@ -916,8 +916,11 @@ BEGIN
                    WITH ORDINALITY AS l(account_id, period, value_date, kind, delta, counterpart, seen, ord)
         ), ok AS (
             SELECT l.*, v_txns[array_position(v_keys, l.period || '/' || l.kind || '/' || l.counterpart)] AS txn_id
-              FROM l JOIN accounts a ON a.account_id = l.account_id AND a.account_id = ANY (v_ids) AND a.status <> 'CLOSED'
-             WHERE NOT EXISTS (SELECT 1 FROM credits c
+              FROM l
+             -- Probes by key, not a join: with `= ANY (v_ids)` in a nested loop's index condition
+             -- each lookup walked the whole array (0.02 ms × 2,000 per statement).
+             WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = l.account_id AND a.status <> 'CLOSED')
+               AND NOT EXISTS (SELECT 1 FROM credits c
                                 WHERE c.account_id = l.account_id AND c.period = l.period AND c.kind = l.kind)
                AND (l.seen IS NULL OR l.seen = COALESCE((SELECT MAX(c.period) FROM credits c
                                                           WHERE c.account_id = l.account_id AND c.kind = 'INTEREST'), ''))
