@@ -481,6 +481,28 @@ impl Writer<'_, '_> {
         )))
     }
 
+    /// A personal posting (`mine`) against a system account, which takes the opposite amount with
+    /// `psn_no` as its counterparty, and the transaction closed: every two-sided write.
+    fn post_against(
+        &self,
+        txn_id: i64,
+        business_date: NaiveDate,
+        mine: &Posting,
+        counterpart: SystemAccount,
+        psn_no: &str,
+    ) -> Sql<Result<(BalanceChange, i64), WriteDecline>> {
+        let done = match self.post(txn_id, business_date, mine)? {
+            Ok(done) => done,
+            Err(decline) => return Ok(Err(decline)),
+        };
+        let other = self.system_posting(counterpart, mine.delta.negated(), "", psn_no);
+        if let Err(decline) = self.post(txn_id, business_date, &other)? {
+            return Ok(Err(decline));
+        }
+        self.close_txn(txn_id)?;
+        Ok(Ok(done))
+    }
+
     /// Records that the write holding `hold_id` commits; false when the sweeper fenced it first.
     fn claim_hold(&self, hold_id: &str) -> Sql<bool> {
         let inserted = self
@@ -829,15 +851,16 @@ impl Writer<'_, '_> {
             setl_id: "",
             counterparty: "OPERATOR",
         };
-        let (change, posting_id) = match self.post(txn_id, new.business_date, &personal)? {
+        let (change, posting_id) = match self.post_against(
+            txn_id,
+            new.business_date,
+            &personal,
+            SystemAccount::ManualAdjustment,
+            &new.psn_no,
+        )? {
             Ok(done) => done,
             Err(decline) => return Ok(Err(decline)),
         };
-        let other = self.system_posting(SystemAccount::ManualAdjustment, new.delta.negated(), "", &new.psn_no);
-        if let Err(decline) = self.post(txn_id, new.business_date, &other)? {
-            return Ok(Err(decline));
-        }
-        self.close_txn(txn_id)?;
         self.tx
             .prepare_cached(
                 "INSERT INTO adjustments (request_id, hold_id, fingerprint, psn_no, posting_id, delta_fen, balance_after_fen, at)
@@ -925,15 +948,16 @@ impl Writer<'_, '_> {
                     setl_id: "",
                     counterparty: SystemAccount::InterestExpense.name(),
                 };
-                match self.post(txn_id, new.business_date, &mine)? {
+                match self.post_against(
+                    txn_id,
+                    new.business_date,
+                    &mine,
+                    SystemAccount::InterestExpense,
+                    &new.psn_no,
+                )? {
                     Ok((change, _)) => changes.push(change),
                     Err(decline) => return Ok(Err(decline)),
                 }
-                let other = self.system_posting(SystemAccount::InterestExpense, amount.negated(), "", &new.psn_no);
-                if let Err(decline) = self.post(txn_id, new.business_date, &other)? {
-                    return Ok(Err(decline));
-                }
-                self.close_txn(txn_id)?;
                 self.tx
                     .prepare_cached(
                         "INSERT INTO credits (account_id, period, kind, amount_fen, txn_id) VALUES (?1, ?2, 'INTEREST', ?3, ?4)",
@@ -954,15 +978,10 @@ impl Writer<'_, '_> {
             let delta = if incoming { amount } else { amount.negated() };
             let txn_id = self.new_txn(kind, &new.request_id, new.business_date, new.value_date, new.at, &new.memo)?;
             let mine = Posting { account_id, delta, family_use: false, setl_id: "", counterparty: counterpart.name() };
-            match self.post(txn_id, new.business_date, &mine)? {
+            match self.post_against(txn_id, new.business_date, &mine, counterpart, &new.psn_no)? {
                 Ok((change, _)) => changes.push(change),
                 Err(decline) => return Ok(Err(decline)),
             }
-            let other = self.system_posting(counterpart, delta.negated(), "", &new.psn_no);
-            if let Err(decline) = self.post(txn_id, new.business_date, &other)? {
-                return Ok(Err(decline));
-            }
-            self.close_txn(txn_id)?;
         }
         let status = if incoming { AccountStatus::Open } else { AccountStatus::Closed };
         if !incoming {
