@@ -311,6 +311,15 @@ impl Policies {
     pub fn regions(&self) -> impl Iterator<Item = &Arc<RegionPolicy>> {
         self.regions.values()
     }
+
+    /// A payment of `amount` on `channel` needs no PIN in any region (a PIN-exempt channel, and
+    /// registration only up to each region's cap): its authorisation never looks at the no-PIN tier.
+    pub fn exempt_everywhere(&self, channel: Channel, amount: Money) -> bool {
+        self.regions.values().all(|region| {
+            region.pin_exempt_channels.contains(&channel)
+                && !(channel == Channel::Registration && amount > region.registration_cap)
+        })
+    }
 }
 
 const BUILTIN: &[(&str, &str)] = &[

@@ -39,8 +39,10 @@ pub trait Ledger: Send + Sync + 'static {
     // --- reads ---
     async fn ping(&self) -> LedgerResult<()>;
     async fn person(&self, psn_no: &str) -> LedgerResult<Option<PersonRecord>>;
-    /// The payer, their accounts usable today in deduction order, PIN state and no-PIN use today.
-    async fn payer_context(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<Option<PayerContext>>;
+    /// The payer, their accounts in deduction order, PIN state and, when `no_pin_day` is given,
+    /// the money no-PIN-tier payments drew that day (a sum over the day's settlements: asked only
+    /// when the payment could use the tier).
+    async fn payer_context(&self, psn_no: &str, no_pin_day: Option<NaiveDate>) -> LedgerResult<Option<PayerContext>>;
     async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>>;
     async fn settlement(&self, key: SettlementKey) -> LedgerResult<Option<SettlementRecord>>;
     async fn refund_by_request(&self, institution_code: &str, request_id: &str) -> LedgerResult<Option<RefundRecord>>;

@@ -422,9 +422,10 @@ const USABLE_SOURCES: &str =
 const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
         p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
         a.balance, a.seq, k.phc, k.failed_count,
-        (SELECT COALESCE(SUM(s.acct_pay + s.mulaid), 0) FROM settlements s
-          WHERE s.psn_no = p.psn_no AND s.business_date = $2 AND s.auth_method = 'NO_PIN_LIMIT'
-            AND s.status <> 'REVERSED') AS no_pin_used,
+        CASE WHEN $2::date IS NOT NULL THEN
+          (SELECT COALESCE(SUM(s.acct_pay + s.mulaid), 0) FROM settlements s
+            WHERE s.psn_no = p.psn_no AND s.business_date = $2 AND s.auth_method = 'NO_PIN_LIMIT'
+              AND s.status <> 'REVERSED') END AS no_pin_used,
         f.owners, f.relations, f.effective, f.accounts, f.statuses, f.balances, f.seqs
      FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no
      LEFT JOIN LATERAL (
@@ -479,9 +480,9 @@ impl Ledger for PostgresLedger {
         self.query_opt(PERSON_SELECT, &[&psn_no]).await?.as_ref().map(person_from_row).transpose()
     }
 
-    async fn payer_context(&self, psn_no: &str, today: NaiveDate) -> LedgerResult<Option<PayerContext>> {
+    async fn payer_context(&self, psn_no: &str, no_pin_day: Option<NaiveDate>) -> LedgerResult<Option<PayerContext>> {
         // One statement, one round trip, one plan: every payment asks this.
-        let row = self.query_opt(PAYER_CONTEXT, &[&psn_no, &today]).await?;
+        let row = self.query_opt(PAYER_CONTEXT, &[&psn_no, &no_pin_day]).await?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -521,7 +522,7 @@ impl Ledger for PostgresLedger {
             family,
             pin_phc,
             pin_failures: pin_failures.unwrap_or(0) as u32,
-            no_pin_used_today: money(row.get(16))?,
+            no_pin_used_today: row.get::<_, Option<Decimal>>(16).map(money).transpose()?,
         }))
     }
 

@@ -63,8 +63,9 @@ pub struct PayerContext {
     pub family: Vec<FamilySource>,
     pub pin_phc: Option<String>,
     pub pin_failures: u32,
-    /// Account money already drawn today by no-PIN-tier payments (not reversed).
-    pub no_pin_used_today: Money,
+    /// Account money already drawn on the day asked by no-PIN-tier payments (not reversed);
+    /// `None` when no day was asked.
+    pub no_pin_used_today: Option<Money>,
 }
 
 impl std::fmt::Debug for PayerContext {

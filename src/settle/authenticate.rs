@@ -60,7 +60,7 @@ pub async fn verify_pin(gateway: &Gateway, policy: &RegionPolicy, psn_no: &str, 
         PinAttempt::Proceed { failures } => failures,
     };
     // Read the hash after counting, so a concurrent ChangePin cannot be verified against stale data.
-    let phc = gateway.ledger.payer_context(psn_no, today).await?.and_then(|ctx| ctx.pin_phc);
+    let phc = gateway.ledger.payer_context(psn_no, None).await?.and_then(|ctx| ctx.pin_phc);
     let Some(phc) = phc else {
         return Err(Failure::new(Reason::PinNotSet, "no payment PIN is set for this person"));
     };

@@ -151,7 +151,10 @@ async fn attempt(
     dry_run: bool,
 ) -> Outcome<Answer> {
     let today = gateway.clock.today();
-    let context = gateway.ledger.payer_context(&command.psn_no, today).await?.ok_or_else(|| {
+    // A payment no region asks a PIN for never looks at the no-PIN tier: it skips summing the
+    // payer's no-PIN payments of the day.
+    let no_pin_day = (!gateway.policies.exempt_everywhere(command.channel, command.amount)).then_some(today);
+    let context = gateway.ledger.payer_context(&command.psn_no, no_pin_day).await?.ok_or_else(|| {
         Failure::new(Reason::UnknownPerson, format!("person {} is not known", mask_psn_no(&command.psn_no)))
     })?;
     let policy = gateway.policy(&context.person.region)?.clone();
@@ -203,7 +206,8 @@ async fn attempt(
         command.channel,
         plan.total,
         context.person.no_pin_tier.as_deref(),
-        context.no_pin_used_today,
+        // Not read only for a payment exempt everywhere, which `decide` answers before the tier.
+        context.no_pin_used_today.unwrap_or(Money::ZERO),
         command.pin.is_some(),
     );
     let now = gateway.clock.now();
