@@ -75,8 +75,23 @@ impl Gateway {
 
     /// A fresh identifier: prefix, Asia/Shanghai timestamp, 64 random bits. Unique across gateways.
     pub fn new_id(&self, prefix: char) -> String {
-        let stamp = self.clock.now().with_timezone(&Shanghai).format("%Y%m%d%H%M%S");
-        format!("{prefix}{stamp}{:016x}", OsRng.next_u64())
+        use chrono::{Datelike, Timelike};
+        use std::fmt::Write;
+        let t = self.clock.now().with_timezone(&Shanghai);
+        let mut id = String::with_capacity(31);
+        // (Fields written directly: a strftime pattern is parsed again on every call.)
+        let _ = write!(
+            id,
+            "{prefix}{:04}{:02}{:02}{:02}{:02}{:02}{:016x}",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            OsRng.next_u64()
+        );
+        id
     }
 }
 
@@ -87,5 +102,23 @@ pub fn digest(parts: &[&str]) -> String {
         hasher.update((part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for byte in hasher.finalize() {
+        hex.push(HEX[usize::from(byte >> 4)] as char);
+        hex.push(HEX[usize::from(byte & 0x0f)] as char);
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_the_hex_sha256_of_the_length_prefixed_parts() {
+        // Computed apart: sha256(le_u64(9) "settle/v1" le_u64(2) "P1").
+        assert_eq!(digest(&["settle/v1", "P1"]), "95f75bbe2f66793e2a0f4f14484fcd7a7c890e5873a4a57265ae93e38266207e");
+        assert_ne!(digest(&["ab", "c"]), digest(&["a", "bc"]));
+    }
 }

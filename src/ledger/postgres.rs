@@ -19,6 +19,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::{NoTls, Row};
 
@@ -31,7 +32,13 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct PostgresLedger {
     pool: Pool,
+    /// Connections that every payment's payer-context read shares (see `shared_client`).
+    shared: Arc<[std::sync::Mutex<Option<Arc<deadpool_postgres::Object>>>]>,
+    next_shared: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Connections the payer-context reads share.
+const SHARED_READERS: usize = 2;
 
 fn unavailable(error: impl std::fmt::Display) -> LedgerUnavailable {
     LedgerUnavailable(error.to_string())
@@ -68,7 +75,11 @@ impl PostgresLedger {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(unavailable)?;
-        let ledger = PostgresLedger { pool };
+        let ledger = PostgresLedger {
+            pool,
+            shared: (0..SHARED_READERS).map(|_| std::sync::Mutex::new(None)).collect(),
+            next_shared: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
         ledger.migrate().await?;
         Ok(ledger)
     }
@@ -97,6 +108,22 @@ impl PostgresLedger {
 
     async fn client(&self) -> LedgerResult<deadpool_postgres::Object> {
         deadline(self.pool.get()).await
+    }
+
+    /// A connection shared by concurrent reads, which it pipelines: queries issued while others
+    /// are out go down the socket together, and the server answers them back to back instead of
+    /// sleeping and being woken for each (as it was when every payment took a pooled connection
+    /// of its own). A closed one is replaced from the pool.
+    async fn shared_client(&self) -> LedgerResult<Arc<deadpool_postgres::Object>> {
+        let slot =
+            &self.shared[self.next_shared.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.shared.len()];
+        let current = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(client) = current.filter(|client| !client.is_closed()) {
+            return Ok(client);
+        }
+        let fresh = Arc::new(self.client().await?);
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        Ok(fresh)
     }
 
     async fn query_opt(
@@ -481,8 +508,10 @@ impl Ledger for PostgresLedger {
     }
 
     async fn payer_context(&self, psn_no: &str, no_pin_day: Option<NaiveDate>) -> LedgerResult<Option<PayerContext>> {
-        // One statement, one round trip, one plan: every payment asks this.
-        let row = self.query_opt(PAYER_CONTEXT, &[&psn_no, &no_pin_day]).await?;
+        // One statement, one round trip, one plan, on a shared connection: every payment asks this.
+        let client = self.shared_client().await?;
+        let statement = deadline(client.prepare_cached(PAYER_CONTEXT)).await?;
+        let row = deadline(client.query_opt(&statement, &[&psn_no, &no_pin_day])).await?;
         let Some(row) = row else {
             return Ok(None);
         };

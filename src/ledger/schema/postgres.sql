@@ -660,9 +660,11 @@ BEGIN
                CASE WHEN (d.d->>'family')::BOOLEAN THEN w.w->>'psn_no' ELSE w.w->>'institution_code' END AS counterparty
           FROM w, jsonb_array_elements(w.w->'debits') WITH ORDINALITY AS d(d, pos)
     ), drawn AS (
-        SELECT w.ord, w.setl_id, w.w, COALESCE(SUM(debit.amount), 0) AS drawn,
-               COALESCE(SUM(debit.amount) FILTER (WHERE NOT debit.family), 0) AS acct
-          FROM w LEFT JOIN debit ON debit.ord = w.ord GROUP BY w.ord, w.setl_id, w.w
+        -- (Summed by position alone, then joined: grouping by the write's JSON hashed every write.)
+        SELECT w.ord, w.setl_id, w.w, COALESCE(sums.drawn, 0) AS drawn, COALESCE(sums.acct, 0) AS acct
+          FROM w LEFT JOIN (SELECT debit.ord, SUM(debit.amount) AS drawn,
+                                   SUM(debit.amount) FILTER (WHERE NOT debit.family) AS acct
+                              FROM debit GROUP BY debit.ord) sums ON sums.ord = w.ord
     ), line AS (
         -- Every posting in batch order: the debits of each settlement, then its payable credit.
         SELECT ord, pos, setl_id, account_id, -amount AS delta, family, counterparty FROM debit
