@@ -293,7 +293,11 @@ async fn no_pin_tier_per_payment_and_per_day(backend: Backend) {
     );
     gw.settle(&key, card_request("t3", "P1", "150.00", "")).await.unwrap();
     gw.settle(&key, card_request("t4", "P1", "150.00", "")).await.unwrap();
-    // 500.00 used today: the daily ceiling is reached.
+    // 500.00 used today: the daily ceiling is reached. Planning already knows (it reads the day's
+    // no-PIN total; the ledger's re-check at commit is not involved in a plan).
+    let plan =
+        gw.settlement().pre_settle(auth(card_request("t5-plan", "P1", "0.01", ""), &key)).await.unwrap().into_inner();
+    assert!(plan.pin_required);
     assert_refused(
         gw.settle(&key, card_request("t5", "P1", "0.01", "")).await,
         Code::FailedPrecondition,

@@ -492,6 +492,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_payments_no_region_asks_a_pin_for_are_exempt_everywhere() {
+        let policies = Policies::builtin();
+        let yuan = |text| Money::parse(text).unwrap();
+        assert!(policies.exempt_everywhere(Channel::EVoucher, yuan("9999.99")));
+        assert!(policies.exempt_everywhere(Channel::CrossRegion, yuan("9999.99")));
+        assert!(!policies.exempt_everywhere(Channel::Card, yuan("0.01")));
+        // Registration is exempt up to each region's cap: Hunan's 50.00 is the lowest.
+        assert!(policies.exempt_everywhere(Channel::Registration, yuan("50.00")));
+        assert!(!policies.exempt_everywhere(Channel::Registration, yuan("50.01")));
+    }
+
+    #[test]
     fn builtin_policies_load() {
         let policies = Policies::builtin();
         let beijing = policies.region("110000").expect("beijing");

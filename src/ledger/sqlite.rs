@@ -27,8 +27,9 @@ pub struct SqliteLedger {
 
 struct Inner {
     path: PathBuf,
-    /// The payer-context lane (started by the first payment, on its runtime).
-    contexts: std::sync::OnceLock<tokio::sync::mpsc::Sender<ContextJob>>,
+    /// The payer-context lane: started by the first payment on its runtime, and again should
+    /// that runtime have ended (its task, and the queue's receiver, end with it).
+    contexts: Mutex<Option<tokio::sync::mpsc::Sender<ContextJob>>>,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     /// Bounds open reader connections.
@@ -89,7 +90,7 @@ impl SqliteLedger {
         }
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
-            contexts: std::sync::OnceLock::new(),
+            contexts: Mutex::new(None),
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             reader_permits: tokio::sync::Semaphore::new(READERS_MAX),
@@ -147,14 +148,7 @@ const CONTEXT_BATCH_MAX: usize = 64;
 async fn context_lane(path: PathBuf, mut jobs: tokio::sync::mpsc::Receiver<ContextJob>) {
     let mut conn: Option<Connection> = None;
     let mut batch: Vec<ContextJob> = Vec::with_capacity(CONTEXT_BATCH_MAX);
-    while let Some(first) = jobs.recv().await {
-        batch.push(first);
-        while batch.len() < CONTEXT_BATCH_MAX {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while jobs.recv_many(&mut batch, CONTEXT_BATCH_MAX).await > 0 {
         let work = std::mem::take(&mut batch);
         let path = path.clone();
         let taken = conn.take();
@@ -1202,11 +1196,17 @@ impl Ledger for SqliteLedger {
     }
 
     async fn payer_context(&self, psn_no: &str, no_pin_day: Option<NaiveDate>) -> LedgerResult<Option<PayerContext>> {
-        let lane = self.inner.contexts.get_or_init(|| {
-            let (queue, jobs) = tokio::sync::mpsc::channel(4096);
-            tokio::spawn(context_lane(self.inner.path.clone(), jobs));
-            queue
-        });
+        let lane = {
+            let mut slot = self.inner.contexts.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref().filter(|queue| !queue.is_closed()) {
+                Some(queue) => queue.clone(),
+                None => {
+                    let (queue, jobs) = tokio::sync::mpsc::channel(4096);
+                    tokio::spawn(context_lane(self.inner.path.clone(), jobs));
+                    slot.insert(queue).clone()
+                }
+            }
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
         lane.send((psn_no.to_string(), no_pin_day, reply)).await.map_err(|_| unavailable("the read lane stopped"))?;
         answer.await.map_err(|_| unavailable("the read lane stopped"))?

@@ -25,14 +25,8 @@ impl Committer {
         let (queue, mut jobs) = mpsc::channel::<Job>(queue_max);
         tokio::spawn(async move {
             let mut batch: Vec<Job> = Vec::with_capacity(batch_len_max);
-            while let Some(first) = jobs.recv().await {
-                batch.push(first);
-                while batch.len() < batch_len_max {
-                    match jobs.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
+            // Waits for one write, then takes whatever else is queued, up to the batch's length.
+            while jobs.recv_many(&mut batch, batch_len_max).await > 0 {
                 let now = Instant::now();
                 let mut writes = Vec::with_capacity(batch.len());
                 let mut replies = Vec::with_capacity(batch.len());
