@@ -73,26 +73,40 @@ impl Gateway {
         })
     }
 
-    /// A fresh identifier: prefix, Asia/Shanghai timestamp, 64 random bits. Unique across gateways.
+    /// A fresh identifier: prefix, Asia/Shanghai timestamp to the second, then 16 hex digits of
+    /// a process-wide sequence that starts at a random 64-bit value. Unique across gateways (two
+    /// processes collide only if their sequences meet within the same second), and increasing
+    /// within a process, so the ledger's indexes keyed by these ids (settlements, their debits,
+    /// hold fates) take each new id at their right edge instead of dirtying a random page each: a
+    /// random suffix cost about three written pages per settlement.
     pub fn new_id(&self, prefix: char) -> String {
-        use chrono::{Datelike, Timelike};
-        use std::fmt::Write;
-        let t = self.clock.now().with_timezone(&Shanghai);
-        let mut id = String::with_capacity(31);
-        // (Fields written directly: a strftime pattern is parsed again on every call.)
-        let _ = write!(
-            id,
-            "{prefix}{:04}{:02}{:02}{:02}{:02}{:02}{:016x}",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            OsRng.next_u64()
-        );
-        id
+        id_at(prefix, self.clock.now(), next_id_sequence())
     }
+}
+
+fn next_id_sequence() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQUENCE: std::sync::LazyLock<AtomicU64> = std::sync::LazyLock::new(|| AtomicU64::new(OsRng.next_u64()));
+    SEQUENCE.fetch_add(1, Ordering::Relaxed)
+}
+
+fn id_at(prefix: char, at: chrono::DateTime<chrono::Utc>, sequence: u64) -> String {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let t = at.with_timezone(&Shanghai);
+    let mut id = String::with_capacity(31);
+    // (Fields written directly: a strftime pattern is parsed again on every call.)
+    let _ = write!(
+        id,
+        "{prefix}{:04}{:02}{:02}{:02}{:02}{:02}{sequence:016x}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+    );
+    id
 }
 
 /// Hex SHA-256 of the parts, separated so that ("ab","c") and ("a","bc") differ.
@@ -120,5 +134,18 @@ mod tests {
         // Computed apart: sha256(le_u64(9) "settle/v1" le_u64(2) "P1").
         assert_eq!(digest(&["settle/v1", "P1"]), "95f75bbe2f66793e2a0f4f14484fcd7a7c890e5873a4a57265ae93e38266207e");
         assert_ne!(digest(&["ab", "c"]), digest(&["a", "bc"]));
+    }
+
+    #[test]
+    fn ids_carry_the_shanghai_second_and_increase_within_a_process() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-29T16:05:09Z").unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(id_at('S', at, 0x2a), "S20261130000509000000000000002a");
+        let (first, second) = (next_id_sequence(), next_id_sequence());
+        assert_ne!(first, second);
+        // Within one second the ids sort in the order they were taken (barring the sequence's
+        // one wrap in 2^64).
+        if first < second {
+            assert!(id_at('S', at, first) < id_at('S', at, second));
+        }
     }
 }
