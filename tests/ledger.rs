@@ -9,6 +9,7 @@ on_both_backends!(
     the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
     reading_the_cache_installs_only_a_newer_ledger_balance,
+    the_lease_index_lists_exactly_the_holds_that_exist,
     a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_paid_twice,
 );
 
@@ -274,6 +275,42 @@ async fn reading_the_cache_installs_only_a_newer_ledger_balance(backend: Backend
         (yuan("30.00"), yuan("20.00"), 4, yuan("10.00"))
     );
     assert_eq!(cache.get(id).await.unwrap(), Some(newer));
+}
+
+/// The sweeper finds holds through the lease index: every hold that exists is in it, and a hold
+/// that was finished, or a reservation that held nothing, is not. (On one Redis server the index
+/// is written by the reserve and finish scripts themselves.)
+async fn the_lease_index_lists_exactly_the_holds_that_exist(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let cache = &gw.app.gateway.cache;
+    let id = 900_002;
+    let listed = || async {
+        let mut holds: Vec<String> = cache
+            .expired_holds(unix_ms() + 60_000, 1_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|hold| hold.account_id == id)
+            .map(|hold| hold.hold_id)
+            .collect();
+        holds.sort();
+        holds
+    };
+    assert_eq!(cache.reserve(id, "h0", yuan("1.00"), 0).await.unwrap(), Reserve::NotLoaded);
+    assert_eq!(listed().await, Vec::<String>::new(), "nothing held on an account not loaded");
+
+    cache.load(id, yuan("5.00"), 1).await.unwrap();
+    assert_eq!(cache.reserve(id, "h1", yuan("3.00"), 0).await.unwrap(), Reserve::Held(yuan("3.00")));
+    assert_eq!(cache.reserve(id, "h2", yuan("4.00"), 0).await.unwrap(), Reserve::Held(yuan("2.00")));
+    assert_eq!(cache.reserve(id, "h3", yuan("1.00"), 0).await.unwrap(), Reserve::Held(Money::ZERO));
+    assert_eq!(listed().await, vec!["h1".to_string(), "h2".to_string()], "a reservation of nothing is no hold");
+
+    cache.commit_hold(id, "h1", yuan("2.00"), 2).await.unwrap();
+    assert_eq!(listed().await, vec!["h2".to_string()]);
+    cache.release_hold(id, "h2").await.unwrap();
+    assert_eq!(listed().await, Vec::<String>::new());
+    let cached = cache.get(id).await.unwrap().unwrap();
+    assert_eq!((cached.balance, cached.held, cached.seq), (yuan("2.00"), Money::ZERO, 2));
 }
 
 /// A transfer out computes the interest it pays first before its write; an interest run that pays

@@ -153,10 +153,22 @@ impl RedisCache {
         };
         let mut invocation = self.scripts.finish.key(self.account_key(account_id));
         invocation.key(self.holds_key(account_id)).arg(hold_id).arg(balance_fen).arg(seq);
-        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
-        // The index entry goes last: a hold is never unindexed while it exists.
-        self.unindex(&mut conn, account_id, hold_id).await?;
+        if self.single_server() {
+            // The script unindexes the hold itself, after dropping it: one round trip.
+            invocation.key(self.lease_index_key()).arg(Self::lease_member(account_id, hold_id));
+            let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        } else {
+            let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+            // The index entry goes last: a hold is never unindexed while it exists.
+            self.unindex(&mut conn, account_id, hold_id).await?;
+        }
         Ok(())
+    }
+
+    /// On one server a script may also touch the lease index; on a cluster the index is on
+    /// another slot than the account, so it takes commands of its own.
+    fn single_server(&self) -> bool {
+        matches!(self.connection, RedisConnection::Single(_))
     }
 }
 
@@ -204,22 +216,26 @@ impl BalanceCache for RedisCache {
 
     async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
         let mut conn = self.connection.clone();
-        // Index first: a hold that exists is always findable by the sweeper.
         let lease_end = memory::unix_ms() + lease_ms;
-        let _: i64 = deadline(
-            ::redis::cmd("ZADD")
-                .arg(self.lease_index_key())
-                .arg(lease_end)
-                .arg(Self::lease_member(account_id, hold_id))
-                .query_async(&mut conn),
-        )
-        .await?;
+        let member = Self::lease_member(account_id, hold_id);
         let mut invocation = self.scripts.reserve.key(self.account_key(account_id));
         invocation.key(self.holds_key(account_id)).arg(hold_id).arg(want.to_fen());
-        let held: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
-        if held <= 0 {
-            self.unindex(&mut conn, account_id, hold_id).await?;
-        }
+        let held: i64 = if self.single_server() {
+            // The script indexes the hold and reserves in one step (one round trip).
+            invocation.key(self.lease_index_key()).arg(lease_end).arg(&member);
+            deadline(invocation.invoke_async(&mut conn)).await?
+        } else {
+            // Index first: a hold that exists is always findable by the sweeper.
+            let _: i64 = deadline(
+                ::redis::cmd("ZADD").arg(self.lease_index_key()).arg(lease_end).arg(&member).query_async(&mut conn),
+            )
+            .await?;
+            let held = deadline(invocation.invoke_async(&mut conn)).await?;
+            if held <= 0 {
+                self.unindex(&mut conn, account_id, hold_id).await?;
+            }
+            held
+        };
         Ok(if held < 0 { Reserve::NotLoaded } else { Reserve::Held(Money::from_fen(held)) })
     }
 

@@ -2,6 +2,8 @@
 -- Drops the hold; after a commit, takes the ledger's balance if it is newer than the cache's, or
 -- installs it if the account is not cached (after a flush), so that no older balance read before
 -- this commit can be loaded later.
+-- On a single server also KEYS[3], the lease index, with ARGV the hold's index member: unindexed
+-- in this same step, after the hold is gone. (On a cluster the caller unindexes after.)
 redis.call('HDEL', KEYS[2], ARGV[1])
 if ARGV[3] ~= '' then
   local seq = redis.call('HGET', KEYS[1], 's')
@@ -9,4 +11,5 @@ if ARGV[3] ~= '' then
     redis.call('HSET', KEYS[1], 'b', ARGV[2], 's', ARGV[3])
   end
 end
+if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[4]) end
 return 1
