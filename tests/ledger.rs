@@ -286,7 +286,7 @@ async fn the_lease_index_lists_exactly_the_holds_that_exist(backend: Backend) {
     let id = 900_002;
     let listed = || async {
         let mut holds: Vec<String> = cache
-            .expired_holds(unix_ms() + 60_000, 1_000)
+            .expired_holds(unix_ms() + 120_000, 1_000)
             .await
             .unwrap()
             .into_iter()
@@ -296,14 +296,17 @@ async fn the_lease_index_lists_exactly_the_holds_that_exist(backend: Backend) {
         holds.sort();
         holds
     };
-    assert_eq!(cache.reserve(id, "h0", yuan("1.00"), 0).await.unwrap(), Reserve::NotLoaded);
+    assert_eq!(cache.reserve(id, "h0", yuan("1.00"), 60_000).await.unwrap(), Reserve::NotLoaded);
     assert_eq!(listed().await, Vec::<String>::new(), "nothing held on an account not loaded");
 
     cache.load(id, yuan("5.00"), 1).await.unwrap();
-    assert_eq!(cache.reserve(id, "h1", yuan("3.00"), 0).await.unwrap(), Reserve::Held(yuan("3.00")));
-    assert_eq!(cache.reserve(id, "h2", yuan("4.00"), 0).await.unwrap(), Reserve::Held(yuan("2.00")));
-    assert_eq!(cache.reserve(id, "h3", yuan("1.00"), 0).await.unwrap(), Reserve::Held(Money::ZERO));
+    assert_eq!(cache.reserve(id, "h1", yuan("3.00"), 60_000).await.unwrap(), Reserve::Held(yuan("3.00")));
+    assert_eq!(cache.reserve(id, "h2", yuan("4.00"), 60_000).await.unwrap(), Reserve::Held(yuan("2.00")));
+    assert_eq!(cache.reserve(id, "h3", yuan("1.00"), 60_000).await.unwrap(), Reserve::Held(Money::ZERO));
     assert_eq!(listed().await, vec!["h1".to_string(), "h2".to_string()], "a reservation of nothing is no hold");
+    // A repeated reserve of a hold answers what it holds and leaves it listed.
+    assert_eq!(cache.reserve(id, "h1", yuan("3.00"), 60_000).await.unwrap(), Reserve::Held(yuan("3.00")));
+    assert_eq!(listed().await, vec!["h1".to_string(), "h2".to_string()]);
 
     cache.commit_hold(id, "h1", yuan("2.00"), 2).await.unwrap();
     assert_eq!(listed().await, vec!["h2".to_string()]);

@@ -65,6 +65,8 @@ struct Scripts {
 
 pub struct RedisCache {
     connection: RedisConnection,
+    /// A standalone server: the reserve and finish scripts write the lease index themselves.
+    index_in_scripts: bool,
     /// Prepended to every key, so several gateways (or tests) can share one Redis.
     prefix: String,
     scripts: Scripts,
@@ -99,8 +101,20 @@ impl RedisCache {
                 .set_response_timeout(Some(CALL_TIMEOUT));
             RedisConnection::Single(deadline(ConnectionManager::new_with_config(client, config)).await?)
         };
+        // One URL may still name a node of a cluster (or a proxy in front of one), where a script
+        // may not touch keys of two slots: the lease index then keeps commands of its own.
+        let index_in_scripts = match &connection {
+            RedisConnection::Cluster(_) => false,
+            // A server that will not say (INFO refused by a proxy) gets the separate commands.
+            RedisConnection::Single(manager) => {
+                deadline(::redis::cmd("INFO").arg("cluster").query_async::<String>(&mut manager.clone()))
+                    .await
+                    .is_ok_and(|info| !info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+            }
+        };
         Ok(RedisCache {
             connection,
+            index_in_scripts,
             prefix: prefix.to_string(),
             scripts: Scripts {
                 get: Script::new(include_str!("scripts/get.lua")),
@@ -168,7 +182,7 @@ impl RedisCache {
     /// On one server a script may also touch the lease index; on a cluster the index is on
     /// another slot than the account, so it takes commands of its own.
     fn single_server(&self) -> bool {
-        matches!(self.connection, RedisConnection::Single(_))
+        self.index_in_scripts
     }
 }
 

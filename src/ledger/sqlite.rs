@@ -45,7 +45,19 @@ fn unavailable(error: impl std::fmt::Display) -> LedgerUnavailable {
 }
 
 fn open_connection(path: &Path) -> Sql<Connection> {
-    let conn = Connection::open(path)?;
+    configure(Connection::open(path)?)
+}
+
+/// A connection to a ledger file that must exist already (never creates an empty one).
+fn open_existing(path: &Path) -> Sql<Connection> {
+    use rusqlite::OpenFlags;
+    configure(Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?)
+}
+
+fn configure(conn: Connection) -> Sql<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -187,27 +199,34 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// that wait (the database file's fsync after 64 MiB of log, 20-30 ms here) was what made the
 /// embedded ledger's p99. The thread ends within one period of the ledger being dropped.
 fn spawn_checkpointer(inner: std::sync::Weak<Inner>) {
+    const PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
     let spawned = std::thread::Builder::new().name("sqlite-checkpoint".into()).spawn(move || {
         let mut conn: Option<Connection> = None;
+        // After a failure the thread waits longer each time (up to a second) and says so once.
+        let mut pause = CHECKPOINT_EVERY;
         loop {
-            std::thread::sleep(CHECKPOINT_EVERY);
+            std::thread::sleep(pause);
             let Some(inner) = inner.upgrade() else { return };
-            if conn.is_none() {
-                match open_connection(&inner.path) {
-                    Ok(opened) => conn = Some(opened),
-                    Err(error) => tracing::warn!(%error, "the checkpointer could not open the ledger"),
-                }
+            let outcome = match conn.take() {
+                Some(open) => Ok(open),
+                None => open_existing(&inner.path),
             }
+            .and_then(|open| {
+                // A busy checkpoint (the writer's own running) answers a row, not an error.
+                open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+                Ok(open)
+            });
             drop(inner);
-            if let Some(open) = &conn {
-                // Busy (the writer's own checkpoint running) is no failure: the next period
-                // tries again.
-                match open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    Err(error) if !matches!(error.sqlite_error_code(), Some(ErrorCode::DatabaseBusy)) => {
-                        tracing::warn!(%error, "checkpoint failed; reopening");
-                        conn = None;
+            match outcome {
+                Ok(open) => {
+                    conn = Some(open);
+                    pause = CHECKPOINT_EVERY;
+                }
+                Err(error) => {
+                    if pause == CHECKPOINT_EVERY {
+                        tracing::warn!(%error, "checkpoint failed; the writer checkpoints alone until one succeeds");
                     }
-                    _ => {}
+                    pause = (pause * 2).min(PAUSE_MAX);
                 }
             }
         }

@@ -8,7 +8,8 @@ local index = KEYS[3]
 if index then redis.call('ZADD', index, ARGV[3], ARGV[4]) end
 local balance = redis.call('HGET', KEYS[1], 'b')
 if not balance then
-  if index then redis.call('ZREM', index, ARGV[4]) end
+  -- (A hold of this id may outlive its account's hash, should that ever be evicted: it stays indexed.)
+  if index and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then redis.call('ZREM', index, ARGV[4]) end
   return -1
 end
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
