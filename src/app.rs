@@ -121,6 +121,7 @@ pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartE
         clock,
         settings: config.settings.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(config.settings.in_flight_max.max(1))),
+        in_flight_requests: Default::default(),
     });
     crate::settle::sweeper::spawn(Arc::downgrade(&gateway), Duration::from_secs(1));
     let auth = Arc::new(Authenticator::new(ledger, config.operator_key.as_deref()));

@@ -51,6 +51,10 @@ pub struct Gateway {
     pub settings: Settings,
     /// Admission: one permit per money-moving request in flight (`Settings::in_flight_max`).
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// One settlement attempt at a time per (institution, request id) on this gateway: a duplicate
+    /// sent while the first is in flight waits for it and then replays its answer, instead of
+    /// reserving against the same balance and, in partial mode, possibly winning with less.
+    pub in_flight_requests: std::sync::Mutex<std::collections::HashMap<(String, String), RequestLock>>,
 }
 
 impl Gateway {
@@ -59,6 +63,18 @@ impl Gateway {
         self.admission.clone().try_acquire_owned().map_err(|_| {
             Failure::new(Reason::Overloaded, "the gateway is at capacity; retry shortly (nothing was done)")
         })
+    }
+
+    /// Waits until no other settlement of this request id is in flight here; the guard releases
+    /// it (and forgets the key once nobody else waits on it).
+    pub async fn request_turn(&self, institution_code: &str, request_id: &str) -> RequestTurn<'_> {
+        let key = (institution_code.to_string(), request_id.to_string());
+        let lock = {
+            let mut map = self.in_flight_requests.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        RequestTurn { gateway: self, key, lock, _guard: Some(guard) }
     }
 
     pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {
@@ -81,6 +97,28 @@ impl Gateway {
     /// random suffix cost about three written pages per settlement.
     pub fn new_id(&self, prefix: char) -> String {
         id_at(prefix, self.clock.now(), next_id_sequence())
+    }
+}
+
+/// One request id's turn lock.
+pub type RequestLock = Arc<tokio::sync::Mutex<()>>;
+
+/// A turn taken with `Gateway::request_turn`.
+pub struct RequestTurn<'a> {
+    gateway: &'a Gateway,
+    key: (String, String),
+    lock: RequestLock,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for RequestTurn<'_> {
+    fn drop(&mut self) {
+        self._guard = None;
+        let mut map = self.gateway.in_flight_requests.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the map and this turn only: nobody waits, the entry goes.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.key);
+        }
     }
 }
 

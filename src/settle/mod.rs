@@ -113,6 +113,8 @@ async fn run(
         return attempt(gateway, institution, command, &fingerprint, true).await;
     }
     let _admitted = gateway.admit()?;
+    // Duplicates of a request in flight here wait for it, then find its answer below.
+    let _turn = gateway.request_turn(&institution.code, &command.request_id).await;
     // The fast path: a replay the cache remembers is answered from the ledger's record.
     if let Ok(Some(setl_id)) = gateway.cache.recall_request(&institution.code, &command.request_id).await {
         if let Some(existing) = gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
