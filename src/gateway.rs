@@ -73,8 +73,11 @@ impl Gateway {
             let mut map = self.in_flight_requests.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key.clone()).or_default().clone()
         };
-        let guard = lock.clone().lock_owned().await;
-        RequestTurn { gateway: self, key, lock, _guard: Some(guard) }
+        // The turn exists before the wait, so a caller that gives up waiting (its future dropped)
+        // still removes an entry nobody else holds.
+        let mut turn = RequestTurn { gateway: self, key, lock: lock.clone(), _guard: None };
+        turn._guard = Some(lock.lock_owned().await);
+        turn
     }
 
     pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {

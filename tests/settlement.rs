@@ -9,6 +9,7 @@ on_both_backends!(
     partial_leaves_the_rest_to_cash_and_full_only_is_all_or_nothing,
     fifty_concurrent_full_only_payments_against_one_account,
     replay_returns_the_first_answer_and_a_changed_request_is_refused,
+    a_duplicate_waits_its_turn_and_leaves_no_turn_behind,
     pin_rules_and_the_durable_lockout,
     pin_management_weak_change_and_operator_reset,
     no_pin_tier_per_payment_and_per_day,
@@ -136,6 +137,34 @@ async fn fifty_concurrent_full_only_payments_against_one_account(backend: Backen
     assert_eq!((settled, insufficient), (16, 34));
     assert_eq!(gw.balance("P1").await, ("20.00".into(), "20.00".into()));
     gw.assert_books_balance().await;
+}
+
+/// A copy of a request in flight waits for the first (its answer is then the first's); one that
+/// gives up waiting, like one that finished, leaves nothing in the gateway's table of turns.
+async fn a_duplicate_waits_its_turn_and_leaves_no_turn_behind(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let gateway = gw.app.gateway.clone();
+    let first = gateway.request_turn("H001", "r1").await;
+    let other = gateway.request_turn("H001", "r2").await;
+    drop(other);
+    // A copy starts waiting, the first finishes, and the copy gives up before it is polled again.
+    let mut copy = Box::pin(gateway.request_turn("H001", "r1"));
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(20), &mut copy).await;
+    assert!(waited.is_err(), "a copy cannot take the turn while the first holds it");
+    drop(first);
+    drop(copy);
+    assert!(gateway.in_flight_requests.lock().unwrap().is_empty(), "a copy that gave up leaves no turn behind");
+    // And a copy that does get its turn after the first.
+    let first = gateway.request_turn("H001", "r1").await;
+    let waiting = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let _turn = gateway.request_turn("H001", "r1").await;
+        })
+    };
+    drop(first);
+    waiting.await.unwrap();
+    assert!(gateway.in_flight_requests.lock().unwrap().is_empty(), "no turn is left behind");
 }
 
 async fn replay_returns_the_first_answer_and_a_changed_request_is_refused(backend: Backend) {
