@@ -95,6 +95,16 @@ pub async fn open_ledger(config: &Config) -> Result<Arc<dyn Ledger>, StartError>
 /// Builds the gateway: the PostgreSQL ledger when `ledger_url` is set, else the SQLite file in
 /// `data_dir`; the Redis cache when `redis_url` is set, else balances in process.
 pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartError> {
+    build_with(config, clock, |cache| cache).await
+}
+
+/// `build`, with the balance cache passed through `wrap` first (tests put a cache that pauses or
+/// fails on cue in front of the real one).
+pub async fn build_with(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    wrap: impl FnOnce(Arc<dyn BalanceCache>) -> Arc<dyn BalanceCache>,
+) -> Result<App, StartError> {
     let policies = load_policies(config)?;
     let ledger = open_ledger(config).await?;
     let cache: Arc<dyn BalanceCache> = match &config.redis_url {
@@ -103,6 +113,7 @@ pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartE
         ),
         None => Arc::new(MemoryCache::default()),
     };
+    let cache = wrap(cache);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let pins =
         PinHasher::new(pepper(config)?, config.pin_cost, cores).map_err(|e| StartError::Config(e.to_string()))?;
@@ -121,7 +132,6 @@ pub async fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<App, StartE
         clock,
         settings: config.settings.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(config.settings.in_flight_max.max(1))),
-        in_flight_requests: Default::default(),
     });
     crate::settle::sweeper::spawn(Arc::downgrade(&gateway), Duration::from_secs(1));
     let auth = Arc::new(Authenticator::new(ledger, config.operator_key.as_deref()));

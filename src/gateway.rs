@@ -1,7 +1,7 @@
 //! The gateway's shared state: one cheap `Arc` handle that every request handler holds. Built by
 //! `app`, used by `settle`, `accounts` and `admin`; it knows no gRPC.
 
-use crate::cache::BalanceCache;
+use crate::cache::{BalanceCache, Claim};
 use crate::clock::Clock;
 use crate::domain::policy::{Policies, RegionPolicy};
 use crate::error::{Failure, Outcome, Reason};
@@ -51,10 +51,6 @@ pub struct Gateway {
     pub settings: Settings,
     /// Admission: one permit per money-moving request in flight (`Settings::in_flight_max`).
     pub admission: Arc<tokio::sync::Semaphore>,
-    /// One settlement attempt at a time per (institution, request id) on this gateway: a duplicate
-    /// sent while the first is in flight waits for it and then replays its answer, instead of
-    /// reserving against the same balance and, in partial mode, possibly winning with less.
-    pub in_flight_requests: std::sync::Mutex<std::collections::HashMap<(String, String), RequestLock>>,
 }
 
 impl Gateway {
@@ -65,19 +61,39 @@ impl Gateway {
         })
     }
 
-    /// Waits until no other settlement of this request id is in flight here; the guard releases
-    /// it (and forgets the key once nobody else waits on it).
-    pub async fn request_turn(&self, institution_code: &str, request_id: &str) -> RequestTurn<'_> {
-        let key = (institution_code.to_string(), request_id.to_string());
-        let lock = {
-            let mut map = self.in_flight_requests.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key.clone()).or_default().clone()
+    /// One settlement attempt at a time per (institution, request id), across every gateway that
+    /// shares the cache: a duplicate sent while an attempt is in flight (a retry to another node
+    /// behind a balancer, say) waits for it, then finds its answer, instead of reserving against
+    /// the same balances and, in partial mode, possibly reaching the ledger first holding less.
+    /// The wait ends when the attempt ends its claim, or at the latest when the claim runs out
+    /// (twice the hold lease: by then the ledger refuses the attempt's write).
+    pub async fn claim_request(&self, institution_code: &str, request_id: &str) -> RequestClaim {
+        let owner = self.new_id('C');
+        let ttl_ms = self.settings.hold_lease_ms.saturating_mul(2);
+        let mut pause = std::time::Duration::from_millis(2);
+        let held = loop {
+            match self.cache.claim_request(institution_code, request_id, &owner, ttl_ms).await {
+                Ok(Claim::Answered(setl_id)) => return RequestClaim::Answered(setl_id),
+                Ok(Claim::Claimed) => break true,
+                Ok(Claim::Busy) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
+                }
+                Err(error) => {
+                    // The attempt goes on unclaimed (its reservations will meet the same outage);
+                    // the ledger's unique key still settles a request once.
+                    tracing::debug!(%error, "could not claim a request id");
+                    break false;
+                }
+            }
         };
-        // The turn exists before the wait, so a caller that gives up waiting (its future dropped)
-        // still removes an entry nobody else holds.
-        let mut turn = RequestTurn { gateway: self, key, lock: lock.clone(), _guard: None };
-        turn._guard = Some(lock.lock_owned().await);
-        turn
+        RequestClaim::Attempt(ClaimGuard {
+            cache: self.cache.clone(),
+            institution_code: institution_code.to_string(),
+            request_id: request_id.to_string(),
+            owner,
+            held,
+        })
     }
 
     pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {
@@ -103,25 +119,56 @@ impl Gateway {
     }
 }
 
-/// One request id's turn lock.
-pub type RequestLock = Arc<tokio::sync::Mutex<()>>;
-
-/// A turn taken with `Gateway::request_turn`.
-pub struct RequestTurn<'a> {
-    gateway: &'a Gateway,
-    key: (String, String),
-    lock: RequestLock,
-    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+/// What `Gateway::claim_request` found.
+pub enum RequestClaim {
+    /// The request settled before (the cache remembers its setl_id).
+    Answered(String),
+    /// This caller may attempt the request now.
+    Attempt(ClaimGuard),
 }
 
-impl Drop for RequestTurn<'_> {
-    fn drop(&mut self) {
-        self._guard = None;
-        let mut map = self.gateway.in_flight_requests.lock().unwrap_or_else(|p| p.into_inner());
-        // Held by the map and this turn only: nobody waits, the entry goes.
-        if Arc::strong_count(&self.lock) == 2 {
-            map.remove(&self.key);
+/// The claim of one attempt at a request. End it with `end` when the attempt is over; dropped
+/// unended (the request's future was dropped), it is released in the background.
+pub struct ClaimGuard {
+    cache: Arc<dyn BalanceCache>,
+    institution_code: String,
+    request_id: String,
+    owner: String,
+    held: bool,
+}
+
+impl ClaimGuard {
+    /// Remembers `setl_id` (the request's answer), if any, and releases the claim.
+    pub async fn end(mut self, setl_id: Option<&str>) {
+        if self.held || setl_id.is_some() {
+            if let Err(error) =
+                self.cache.end_claim(&self.institution_code, &self.request_id, &self.owner, setl_id).await
+            {
+                // A duplicate then waits for the claim to run out, or replays from the ledger.
+                tracing::warn!(%error, "could not end a request's claim");
+            }
         }
+        self.held = false;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let cache = self.cache.clone();
+        let (code, id, owner) = (
+            std::mem::take(&mut self.institution_code),
+            std::mem::take(&mut self.request_id),
+            std::mem::take(&mut self.owner),
+        );
+        runtime.spawn(async move {
+            if let Err(error) = cache.end_claim(&code, &id, &owner, None).await {
+                tracing::warn!(%error, "could not release a request's claim");
+            }
+        });
     }
 }
 

@@ -10,13 +10,15 @@ on_both_backends!(
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
     reading_the_cache_installs_only_a_newer_ledger_balance,
     the_lease_index_lists_exactly_the_holds_that_exist,
+    a_request_is_claimed_by_one_attempt_at_a_time,
     a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_paid_twice,
 );
 
 use common::*;
 use yibao::cache::memory::unix_ms;
-use yibao::cache::Reserve;
+use yibao::cache::{Claim, Reserve};
 use yibao::domain::{AuthMethod, Category, Channel, Money};
+use yibao::gateway::RequestClaim;
 use yibao::ledger::{DebitLine, LedgerWrite, NewSettlement, WriteDecline, WriteOutcome};
 use yibao::rpc::pb;
 
@@ -392,4 +394,56 @@ async fn a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_pai
     }
     assert_eq!(ledger.account_balance(account).await.unwrap().unwrap().0, Money::ZERO);
     gw.assert_books_balance().await;
+}
+
+/// The cache's claim per (institution, request id): one holder at a time, only the holder ends
+/// it, a claim whose owner vanished runs out, and an ended claim with an answer answers replays.
+async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let cache = &gw.app.gateway.cache;
+    let claim = |code: &'static str, id: &'static str, owner: &'static str, ttl_ms: u64| async move {
+        cache.claim_request(code, id, owner, ttl_ms).await.unwrap()
+    };
+    assert_eq!(claim("H001", "r1", "A", 60_000).await, Claim::Claimed);
+    assert_eq!(claim("H001", "r1", "B", 60_000).await, Claim::Busy);
+    assert_eq!(claim("H001", "r1", "A", 60_000).await, Claim::Busy, "a claim is not reentrant");
+    assert_eq!(claim("H001", "r2", "B", 60_000).await, Claim::Claimed, "another request id");
+    assert_eq!(claim("H002", "r1", "B", 60_000).await, Claim::Claimed, "another institution");
+    assert_eq!(claim("H0", "01:r1", "B", 60_000).await, Claim::Claimed, "no (code, id) pair stands for another");
+
+    cache.end_claim("H001", "r1", "B", None).await.unwrap();
+    assert_eq!(claim("H001", "r1", "C", 60_000).await, Claim::Busy, "only the holder ends a claim");
+    cache.end_claim("H001", "r1", "A", None).await.unwrap();
+    assert_eq!(claim("H001", "r1", "B", 60_000).await, Claim::Claimed, "an ended claim can be taken");
+    cache.end_claim("H001", "r1", "B", Some("S-1")).await.unwrap();
+    assert_eq!(claim("H001", "r1", "C", 60_000).await, Claim::Answered("S-1".into()));
+
+    // An owner that vanished: its claim runs out, and its late end leaves the new holder's alone.
+    assert_eq!(claim("H001", "r3", "A", 1).await, Claim::Claimed);
+    let mut taken = claim("H001", "r3", "B", 60_000).await;
+    while taken == Claim::Busy {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        taken = claim("H001", "r3", "B", 60_000).await;
+    }
+    assert_eq!(taken, Claim::Claimed);
+    cache.end_claim("H001", "r3", "A", None).await.unwrap();
+    assert_eq!(claim("H001", "r3", "C", 60_000).await, Claim::Busy);
+
+    // Braces in a request id (Redis hash tags) change nothing.
+    assert_eq!(claim("H001", "}{x}", "A", 60_000).await, Claim::Claimed);
+    assert_eq!(claim("H001", "}{x}", "B", 60_000).await, Claim::Busy);
+    cache.end_claim("H001", "}{x}", "A", Some("S-2")).await.unwrap();
+    assert_eq!(claim("H001", "}{x}", "B", 60_000).await, Claim::Answered("S-2".into()));
+
+    // The gateway's guard: dropped unended (its request's future dropped), it is released in the
+    // background; ended with an answer, the next attempt finds the answer.
+    let gateway = &gw.app.gateway;
+    let RequestClaim::Attempt(dropped) = gateway.claim_request("H001", "r4").await else { panic!("claimed") };
+    drop(dropped);
+    let again = tokio::time::timeout(std::time::Duration::from_secs(10), gateway.claim_request("H001", "r4"))
+        .await
+        .expect("a dropped claim is released, long before it would run out");
+    let RequestClaim::Attempt(ended) = again else { panic!("claimed again") };
+    ended.end(Some("S-4")).await;
+    assert!(matches!(gateway.claim_request("H001", "r4").await, RequestClaim::Answered(id) if id == "S-4"));
 }

@@ -9,7 +9,7 @@ on_both_backends!(
     partial_leaves_the_rest_to_cash_and_full_only_is_all_or_nothing,
     fifty_concurrent_full_only_payments_against_one_account,
     replay_returns_the_first_answer_and_a_changed_request_is_refused,
-    a_duplicate_waits_its_turn_and_leaves_no_turn_behind,
+    a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway,
     pin_rules_and_the_durable_lockout,
     pin_management_weak_change_and_operator_reset,
     no_pin_tier_per_payment_and_per_day,
@@ -29,7 +29,12 @@ on_both_backends!(
 );
 
 use common::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::{Notify, Semaphore};
 use tonic::Code;
+use yibao::cache::{BalanceCache, CacheResult, CachedBalance, Claim, ExpiredHold, Reserve};
+use yibao::domain::Money;
 use yibao::rpc::pb;
 
 async fn own_account_first_then_family_in_the_payers_order(backend: Backend) {
@@ -141,30 +146,118 @@ async fn fifty_concurrent_full_only_payments_against_one_account(backend: Backen
 
 /// A copy of a request in flight waits for the first (its answer is then the first's); one that
 /// gives up waiting, like one that finished, leaves nothing in the gateway's table of turns.
-async fn a_duplicate_waits_its_turn_and_leaves_no_turn_behind(backend: Backend) {
-    let gw = TestGateway::start_with(backend).await;
-    let gateway = gw.app.gateway.clone();
-    let first = gateway.request_turn("H001", "r1").await;
-    let other = gateway.request_turn("H001", "r2").await;
-    drop(other);
-    // A copy starts waiting, the first finishes, and the copy gives up before it is polled again.
-    let mut copy = Box::pin(gateway.request_turn("H001", "r1"));
-    let waited = tokio::time::timeout(std::time::Duration::from_millis(20), &mut copy).await;
-    assert!(waited.is_err(), "a copy cannot take the turn while the first holds it");
-    drop(first);
-    drop(copy);
-    assert!(gateway.in_flight_requests.lock().unwrap().is_empty(), "a copy that gave up leaves no turn behind");
-    // And a copy that does get its turn after the first.
-    let first = gateway.request_turn("H001", "r1").await;
-    let waiting = {
-        let gateway = gateway.clone();
-        tokio::spawn(async move {
-            let _turn = gateway.request_turn("H001", "r1").await;
+/// A balance cache that pauses the first reservation, once it has held, until told to go on.
+struct PausingCache {
+    inner: Arc<dyn BalanceCache>,
+    armed: AtomicBool,
+    paused: Notify,
+    go: Semaphore,
+}
+
+#[async_trait::async_trait]
+impl BalanceCache for PausingCache {
+    async fn ping(&self) -> CacheResult<()> {
+        self.inner.ping().await
+    }
+    async fn get(&self, account_id: i64) -> CacheResult<Option<CachedBalance>> {
+        self.inner.get(account_id).await
+    }
+    async fn load(&self, account_id: i64, balance: Money, seq: i64) -> CacheResult<()> {
+        self.inner.load(account_id, balance, seq).await
+    }
+    async fn load_and_get(&self, account_id: i64, balance: Money, seq: i64) -> CacheResult<CachedBalance> {
+        self.inner.load_and_get(account_id, balance, seq).await
+    }
+    async fn reserve(&self, account_id: i64, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
+        let held = self.inner.reserve(account_id, hold_id, want, lease_ms).await;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.paused.notify_one();
+            let _ = self.go.acquire().await.expect("open");
+        }
+        held
+    }
+    async fn commit_hold(&self, account_id: i64, hold_id: &str, balance_after: Money, seq: i64) -> CacheResult<()> {
+        self.inner.commit_hold(account_id, hold_id, balance_after, seq).await
+    }
+    async fn release_hold(&self, account_id: i64, hold_id: &str) -> CacheResult<()> {
+        self.inner.release_hold(account_id, hold_id).await
+    }
+    async fn apply(&self, account_id: i64, balance_after: Money, seq: i64) -> CacheResult<()> {
+        self.inner.apply(account_id, balance_after, seq).await
+    }
+    async fn claim_request(&self, code: &str, request_id: &str, owner: &str, ttl_ms: u64) -> CacheResult<Claim> {
+        self.inner.claim_request(code, request_id, owner, ttl_ms).await
+    }
+    async fn end_claim(&self, code: &str, request_id: &str, owner: &str, setl_id: Option<&str>) -> CacheResult<()> {
+        self.inner.end_claim(code, request_id, owner, setl_id).await
+    }
+    async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>> {
+        self.inner.expired_holds(now_ms, limit).await
+    }
+}
+
+/// A duplicate sent while the first attempt is in flight (here: paused right after it held the
+/// whole balance) waits for it and answers what it settled. In partial mode a duplicate that
+/// went ahead would hold nothing, reach the ledger first and settle it all as cash. In
+/// production the duplicate goes to a second gateway on the same PostgreSQL and Redis.
+async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&dir, backend).await;
+    let pausing = Arc::new(std::sync::OnceLock::<Arc<PausingCache>>::new());
+    let gw = {
+        let pausing = pausing.clone();
+        TestGateway::start_wrapped(backend, config.clone(), move |inner| {
+            let cache = Arc::new(PausingCache {
+                inner,
+                armed: AtomicBool::new(false),
+                paused: Notify::new(),
+                go: Semaphore::new(0),
+            });
+            let _ = pausing.set(cache.clone());
+            cache
         })
+        .await
     };
-    drop(first);
-    waiting.await.unwrap();
-    assert!(gateway.in_flight_requests.lock().unwrap().is_empty(), "no turn is left behind");
+    let pausing = pausing.get().unwrap().clone();
+    let other = match backend {
+        Backend::Production => Some(TestGateway::start_with_config(backend, config).await),
+        Backend::Embedded => None, // its balances live in the first gateway's process
+    };
+    let second_gateway = other.as_ref().unwrap_or(&gw);
+    let key = gw.hospital().await;
+    gw.employee("P1", "7.00").await;
+
+    pausing.armed.store(true, Ordering::SeqCst);
+    let paused = pausing.paused.notified();
+    let first = {
+        let (mut client, key) = (gw.settlement(), key.clone());
+        tokio::spawn(async move { client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await })
+    };
+    paused.await;
+    let mut second = {
+        let (mut client, key) = (second_gateway.settlement(), key.clone());
+        tokio::spawn(async move { client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await })
+    };
+    // The duplicate must not finish while the first is paused; give it the chance to.
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut second).await;
+    pausing.go.add_permits(1);
+    let first = first.await.unwrap().unwrap().into_inner();
+    let second = match early {
+        Ok(done) => done,
+        Err(_) => second.await,
+    }
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        (first.acct_pay.as_str(), first.psn_cash_pay.as_str()),
+        ("7.00", "0.00"),
+        "the whole balance pays, as the first attempt held it"
+    );
+    assert_eq!(second, first, "the duplicate answers what the first settled");
+    assert_eq!(gw.balance_of("P1").await, "0.00");
+    gw.assert_quiet_cache_equals_ledger(&["P1".to_string()]).await;
+    gw.assert_books_balance().await;
 }
 
 async fn replay_returns_the_first_answer_and_a_changed_request_is_refused(backend: Backend) {

@@ -30,6 +30,8 @@ pub struct MemoryCache {
     shards: Vec<Mutex<HashMap<AccountId, Entry>>>,
     /// (institution code, request id) → setl_id.
     requests: Mutex<HashMap<(String, String), String>>,
+    /// (institution code, request id) → (owner, claim end in Unix ms), for attempts in flight.
+    claims: Mutex<HashMap<(String, String), (String, u64)>>,
 }
 
 impl Default for MemoryCache {
@@ -37,6 +39,7 @@ impl Default for MemoryCache {
         MemoryCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             requests: Mutex::new(HashMap::new()),
+            claims: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -126,17 +129,51 @@ impl BalanceCache for MemoryCache {
         Ok(())
     }
 
-    async fn recall_request(&self, institution_code: &str, request_id: &str) -> CacheResult<Option<String>> {
-        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(requests.get(&(institution_code.to_string(), request_id.to_string())).cloned())
+    async fn claim_request(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> CacheResult<Claim> {
+        let key = (institution_code.to_string(), request_id.to_string());
+        if let Some(setl_id) = self.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(Claim::Answered(setl_id.clone()));
+        }
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let now = unix_ms();
+        if let Some((_, end)) = claims.get(&key) {
+            if *end > now {
+                return Ok(Claim::Busy);
+            }
+        }
+        if claims.len() >= REQUESTS_MAX {
+            // Only claims whose owner vanished without ending them can have run out.
+            claims.retain(|_, (_, end)| *end > now);
+        }
+        claims.insert(key, (owner.to_string(), now + ttl_ms));
+        Ok(Claim::Claimed)
     }
 
-    async fn remember_request(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
-        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        if requests.len() >= REQUESTS_MAX {
-            requests.clear();
+    async fn end_claim(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+        owner: &str,
+        setl_id: Option<&str>,
+    ) -> CacheResult<()> {
+        let key = (institution_code.to_string(), request_id.to_string());
+        if let Some(setl_id) = setl_id {
+            let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            if requests.len() >= REQUESTS_MAX {
+                requests.clear();
+            }
+            requests.insert(key.clone(), setl_id.to_string());
         }
-        requests.insert((institution_code.to_string(), request_id.to_string()), setl_id.to_string());
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        if claims.get(&key).is_some_and(|(holder, _)| holder == owner) {
+            claims.remove(&key);
+        }
         Ok(())
     }
 

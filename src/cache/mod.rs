@@ -48,6 +48,18 @@ pub enum Reserve {
     NotLoaded,
 }
 
+/// What `BalanceCache::claim_request` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The request settled before: its setl_id, for the replay fast path.
+    Answered(String),
+    /// The caller holds the claim now, until it ends it or the claim's time runs out.
+    Claimed,
+    /// Another attempt at this request holds the claim (on this gateway or another): wait, then
+    /// claim again.
+    Busy,
+}
+
 /// A hold whose lease ran out: its owner crashed or is very late.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredHold {
@@ -85,10 +97,27 @@ pub trait BalanceCache: Send + Sync + 'static {
     /// A committed change without a hold (credits, refunds): take the balance if newer, or install
     /// it if the account is not cached.
     async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()>;
-    /// The idempotency fast path: the settlement a request id settled, if the cache remembers it.
-    /// A miss proves nothing (the ledger's unique key is the truth).
-    async fn recall_request(&self, institution_code: &str, request_id: &str) -> CacheResult<Option<String>>;
-    async fn remember_request(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()>;
+    /// One attempt at a time per request id, across every gateway sharing the cache, and the
+    /// idempotency fast path: the settlement this request settled if the cache remembers it, else
+    /// the claim for `owner` for `ttl_ms` unless another attempt holds it. A miss proves nothing
+    /// (the ledger's unique key is the truth); the claim only keeps concurrent duplicates from
+    /// reserving against the same balances.
+    async fn claim_request(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> CacheResult<Claim>;
+    /// Remembers the answer, if there is one, and ends `owner`'s claim (a claim that ran out and
+    /// was taken by another attempt is left to that attempt).
+    async fn end_claim(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+        owner: &str,
+        setl_id: Option<&str>,
+    ) -> CacheResult<()>;
     /// Holds whose lease ended before `now_ms` (Unix milliseconds), at most `limit`.
     async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>>;
 }

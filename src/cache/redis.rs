@@ -5,7 +5,8 @@
 //! hash `{a:<id>}:h` of hold id → fen (held money is always summed from it, never counted apart). Both carry the same hash tag, and every
 //! script touches exactly one account, so the layout works on a cluster however family graphs
 //! overlap. Lease ends live in one sorted set, an index only: the sweeper reads it to find holds
-//! whose lease ran out, and the holds themselves stay authoritative.
+//! whose lease ran out, and the holds themselves stay authoritative. Per request: `r:{<id>}`, the
+//! setl_id it settled (remembered 48 h), and `r:{<id>}:c`, the claim of the attempt in flight.
 
 use super::*;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -61,6 +62,8 @@ struct Scripts {
     reserve: Script,
     finish: Script,
     apply: Script,
+    claim: Script,
+    end_claim: Script,
 }
 
 pub struct RedisCache {
@@ -122,6 +125,8 @@ impl RedisCache {
                 reserve: Script::new(include_str!("scripts/reserve.lua")),
                 finish: Script::new(include_str!("scripts/finish.lua")),
                 apply: Script::new(include_str!("scripts/apply.lua")),
+                claim: Script::new(include_str!("scripts/claim.lua")),
+                end_claim: Script::new(include_str!("scripts/end_claim.lua")),
             },
         })
     }
@@ -134,9 +139,12 @@ impl RedisCache {
         format!("{}{{a:{account_id}}}:h", self.prefix)
     }
 
+    /// A request's remembered answer; its claim is this key with `:c` appended, so both always
+    /// hash to the same slot (whatever braces the request id holds, the tag ends at or before the
+    /// `}` written here).
     fn request_key(&self, institution_code: &str, request_id: &str) -> String {
         // Length-prefixed so that no (code, id) pair can collide with another.
-        format!("{}r:{}:{institution_code}:{request_id}", self.prefix, institution_code.len())
+        format!("{}r:{{{}:{institution_code}:{request_id}}}", self.prefix, institution_code.len())
     }
 
     fn lease_index_key(&self) -> String {
@@ -275,22 +283,38 @@ impl BalanceCache for RedisCache {
         Ok(())
     }
 
-    async fn recall_request(&self, institution_code: &str, request_id: &str) -> CacheResult<Option<String>> {
+    async fn claim_request(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> CacheResult<Claim> {
         let mut conn = self.connection.clone();
-        deadline(::redis::cmd("GET").arg(self.request_key(institution_code, request_id)).query_async(&mut conn)).await
+        let key = self.request_key(institution_code, request_id);
+        let mut invocation = self.scripts.claim.key(&key);
+        invocation.key(format!("{key}:c")).arg(owner).arg(ttl_ms);
+        let (found, setl_id): (i64, String) = deadline(invocation.invoke_async(&mut conn)).await?;
+        match found {
+            1 => Ok(Claim::Answered(setl_id)),
+            2 => Ok(Claim::Claimed),
+            3 => Ok(Claim::Busy),
+            other => Err(CacheUnavailable(format!("the claim script answered {other}"))),
+        }
     }
 
-    async fn remember_request(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
+    async fn end_claim(
+        &self,
+        institution_code: &str,
+        request_id: &str,
+        owner: &str,
+        setl_id: Option<&str>,
+    ) -> CacheResult<()> {
         let mut conn = self.connection.clone();
-        let _: () = deadline(
-            ::redis::cmd("SET")
-                .arg(self.request_key(institution_code, request_id))
-                .arg(setl_id)
-                .arg("EX")
-                .arg(REQUEST_TTL_SECONDS)
-                .query_async(&mut conn),
-        )
-        .await?;
+        let key = self.request_key(institution_code, request_id);
+        let mut invocation = self.scripts.end_claim.key(&key);
+        invocation.key(format!("{key}:c")).arg(owner).arg(setl_id.unwrap_or("")).arg(REQUEST_TTL_SECONDS);
+        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
         Ok(())
     }
 

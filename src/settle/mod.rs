@@ -16,7 +16,7 @@ use crate::domain::{
     mask_psn_no, AccountStatus, CardStatus, Category, Channel, InsuranceStatus, Money, PayMode, SettlementStatus,
 };
 use crate::error::{Failure, Outcome, Reason};
-use crate::gateway::{digest, Gateway};
+use crate::gateway::{digest, ClaimGuard, Gateway, RequestClaim};
 use crate::ledger::{
     AccountRecord, DebitRecord, InstitutionRecord, NewSettlement, PayerContext, SettlementKey, SettlementRecord,
 };
@@ -110,29 +110,27 @@ async fn run(
 ) -> Outcome<Answer> {
     let fingerprint = command.fingerprint();
     if dry_run {
-        return attempt(gateway, institution, command, &fingerprint, true).await;
+        return attempt(gateway, institution, command, &fingerprint, true, &mut None).await;
     }
     let _admitted = gateway.admit()?;
-    // Duplicates of a request in flight here wait for it, then find its answer below.
-    let _turn = gateway.request_turn(&institution.code, &command.request_id).await;
-    // The fast path: a replay the cache remembers is answered from the ledger's record.
-    if let Ok(Some(setl_id)) = gateway.cache.recall_request(&institution.code, &command.request_id).await {
-        if let Some(existing) = gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
-            return replay(existing, &fingerprint);
-        }
-    }
+    // One attempt at a time per request id: a duplicate of one in flight waits for it here.
+    let mut claim = match gateway.claim_request(&institution.code, &command.request_id).await {
+        RequestClaim::Attempt(claim) => Some(claim),
+        // The fast path: a replay the cache remembers is answered from the ledger's record.
+        RequestClaim::Answered(setl_id) => match gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
+            Some(existing) => return replay(existing, &fingerprint),
+            None => None,
+        },
+    };
     let key =
         SettlementKey::Request { institution_code: institution.code.clone(), request_id: command.request_id.clone() };
-    let request_id = command.request_id.clone();
-    match attempt(gateway, institution, command, &fingerprint, false).await {
-        Ok(answer) => {
-            if let Err(error) =
-                gateway.cache.remember_request(&institution.code, &request_id, &answer.record.setl_id).await
-            {
-                tracing::debug!(%error, "could not remember a request id; replays take the slow path");
-            }
-            Ok(answer)
-        }
+    let outcome = attempt(gateway, institution, command, &fingerprint, false, &mut claim).await;
+    // Still here if the attempt ended before its critical section (which ends the claim itself).
+    if let Some(claim) = claim {
+        claim.end(None).await;
+    }
+    match outcome {
+        Ok(answer) => Ok(answer),
         // A decline may answer a retry of a request the cache forgot: the ledger decides. (A new
         // request that commits is checked by the ledger's unique key inside the commit.)
         Err(failure) if !matches!(failure.reason, Reason::BackendUnavailable | Reason::Internal) => {
@@ -151,6 +149,7 @@ async fn attempt(
     command: SettleCommand,
     fingerprint: &str,
     dry_run: bool,
+    claim: &mut Option<ClaimGuard>,
 ) -> Outcome<Answer> {
     let today = gateway.clock.today();
     // A payment no region asks a PIN for never looks at the no-PIN tier: it skips summing the
@@ -243,8 +242,17 @@ async fn attempt(
         business_date: today,
         at: now,
     };
-    // The critical section runs to completion even if this future is dropped.
-    let task = tokio::spawn(reserve::run(gateway.clone(), new, sources, plan.total, mode));
+    // The critical section runs to completion even if this future is dropped, and holds the
+    // request's claim until the outcome is known (then remembers the answer for replays).
+    let claim = claim.take();
+    let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode);
+    let task = tokio::spawn(async move {
+        let outcome = critical.await;
+        if let Some(claim) = claim {
+            claim.end(outcome.as_ref().ok().map(|record| record.setl_id.as_str())).await;
+        }
+        outcome
+    });
     let record = match task.await {
         Ok(outcome) => outcome?,
         Err(join_error) => {

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use yibao::app::{self, App};
+use yibao::cache::BalanceCache;
 use yibao::clock::OffsetClock;
 use yibao::config::Config;
 use yibao::pin::PinCost;
@@ -109,6 +110,18 @@ impl TestGateway {
         TestGateway::start_in(dir, Arc::new(OffsetClock::default()), backend, config).await
     }
 
+    /// A gateway on `config` whose balance cache is `wrap`ped (see `app::build_with`).
+    pub async fn start_wrapped(
+        backend: Backend,
+        config: Config,
+        wrap: impl FnOnce(Arc<dyn BalanceCache>) -> Arc<dyn BalanceCache>,
+    ) -> TestGateway {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let clock = Arc::new(OffsetClock::default());
+        let app = app::build_with(&config, clock.clone(), wrap).await.expect("gateway builds");
+        TestGateway::serve(dir, clock, backend, config, app).await
+    }
+
     pub async fn start_with(backend: Backend) -> TestGateway {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config = config(&dir, backend).await;
@@ -117,6 +130,16 @@ impl TestGateway {
 
     async fn start_in(dir: Arc<TempDir>, clock: Arc<OffsetClock>, backend: Backend, config: Config) -> TestGateway {
         let app = app::build(&config, clock.clone()).await.expect("gateway builds");
+        TestGateway::serve(dir, clock, backend, config, app).await
+    }
+
+    async fn serve(
+        dir: Arc<TempDir>,
+        clock: Arc<OffsetClock>,
+        backend: Backend,
+        config: Config,
+        app: App,
+    ) -> TestGateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
