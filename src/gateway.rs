@@ -1,6 +1,7 @@
 //! The gateway's shared state: one cheap `Arc` handle that every request handler holds. Built by
 //! `app`, used by `settle`, `accounts` and `admin`; it knows no gRPC.
 
+use crate::cache::memory::unix_ms;
 use crate::cache::{BalanceCache, Claim};
 use crate::clock::Clock;
 use crate::domain::policy::{Policies, RegionPolicy};
@@ -8,6 +9,7 @@ use crate::error::{Failure, Outcome, Reason};
 use crate::ledger::{Ledger, PersonRecord};
 use crate::pin::PinHasher;
 use crate::settle::commit::Committer;
+use crate::settle::sweeper::SWEEP_GRACE_MS;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use chrono_tz::Asia::Shanghai;
 use sha2::{Digest, Sha256};
@@ -65,35 +67,42 @@ impl Gateway {
     /// shares the cache: a duplicate sent while an attempt is in flight (a retry to another node
     /// behind a balancer, say) waits for it, then finds its answer, instead of reserving against
     /// the same balances and, in partial mode, possibly reaching the ledger first holding less.
-    /// The wait ends when the attempt ends its claim, or at the latest when the claim runs out
-    /// (twice the hold lease: by then the ledger refuses the attempt's write).
-    pub async fn claim_request(&self, institution_code: &str, request_id: &str) -> RequestClaim {
-        let owner = self.new_id('C');
-        let ttl_ms = self.settings.hold_lease_ms.saturating_mul(2);
-        let mut pause = std::time::Duration::from_millis(2);
-        let held = loop {
-            match self.cache.claim_request(institution_code, request_id, &owner, ttl_ms).await {
-                Ok(Claim::Answered(setl_id)) => return RequestClaim::Answered(setl_id),
-                Ok(Claim::Claimed) => break true,
-                Ok(Claim::Busy) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
-                }
-                Err(error) => {
-                    // The attempt goes on unclaimed (its reservations will meet the same outage);
-                    // the ledger's unique key still settles a request once.
-                    tracing::debug!(%error, "could not claim a request id");
-                    break false;
-                }
-            }
-        };
-        RequestClaim::Attempt(ClaimGuard {
+    /// The wait ends when the attempt ends its claim: once its outcome is known or, if its commit's
+    /// outcome is unknown, once the ledger can no longer accept the write (the hold deadline and
+    /// the sweeper's grace); at the latest when the claim runs out. A cache that cannot be asked
+    /// fails the request closed, as its reservation would.
+    pub async fn claim_request(&self, institution_code: &str, request_id: &str) -> Outcome<RequestClaim> {
+        let ttl_ms = claim_ttl_ms(self.settings.hold_lease_ms);
+        // The guard exists before the first call, so a claim the cache may have taken is released
+        // whatever happens to this future (ending a claim somebody else holds does nothing).
+        let mut guard = ClaimGuard {
             cache: self.cache.clone(),
             institution_code: institution_code.to_string(),
             request_id: request_id.to_string(),
-            owner,
-            held,
-        })
+            owner: self.new_id('C'),
+            held: true,
+            expires_at_ms: 0,
+            waited: false,
+        };
+        let mut pause = std::time::Duration::from_millis(2);
+        loop {
+            let asked_at_ms = unix_ms();
+            match self.cache.claim_request(institution_code, request_id, &guard.owner, ttl_ms).await? {
+                Claim::Answered(setl_id) => {
+                    guard.held = false;
+                    return Ok(RequestClaim::Answered(setl_id, guard));
+                }
+                Claim::Claimed => {
+                    guard.expires_at_ms = asked_at_ms + ttl_ms;
+                    return Ok(RequestClaim::Attempt(guard));
+                }
+                Claim::Busy => {
+                    guard.waited = true;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
+                }
+            }
+        }
     }
 
     pub fn policy(&self, region: &str) -> Outcome<&Arc<RegionPolicy>> {
@@ -119,25 +128,48 @@ impl Gateway {
     }
 }
 
+/// How long a request's claim lasts if its holder never ends it: long enough for an attempt that
+/// reserves up to one lease after claiming to see its hold deadline and the sweeper's grace pass.
+pub fn claim_ttl_ms(hold_lease_ms: u64) -> u64 {
+    hold_lease_ms.saturating_mul(2).saturating_add(SWEEP_GRACE_MS)
+}
+
 /// What `Gateway::claim_request` found.
 pub enum RequestClaim {
-    /// The request settled before (the cache remembers its setl_id).
-    Answered(String),
+    /// The request settled before (the cache remembers its setl_id). The guard holds no claim; it
+    /// can remember another answer should the ledger not know this one.
+    Answered(String, ClaimGuard),
     /// This caller may attempt the request now.
     Attempt(ClaimGuard),
 }
 
-/// The claim of one attempt at a request. End it with `end` when the attempt is over; dropped
-/// unended (the request's future was dropped), it is released in the background.
+/// The claim of one attempt at a request. End it when the attempt is over; dropped unended (the
+/// request's future dropped), it is released in the background.
 pub struct ClaimGuard {
     cache: Arc<dyn BalanceCache>,
     institution_code: String,
     request_id: String,
     owner: String,
+    /// The cache may hold the claim for `owner`.
     held: bool,
+    /// When the claim runs out (Unix ms), if held.
+    expires_at_ms: u64,
+    /// Another attempt held the claim first.
+    waited: bool,
 }
 
 impl ClaimGuard {
+    /// Whether another attempt at the request held the claim before this one got it.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+
+    /// The latest hold deadline an attempt under this claim may take: its write must become
+    /// impossible (deadline and sweeper's grace) before the claim runs out. None if no claim.
+    pub fn hold_deadline_limit_ms(&self) -> Option<u64> {
+        (self.held && self.expires_at_ms > 0).then(|| self.expires_at_ms.saturating_sub(SWEEP_GRACE_MS))
+    }
+
     /// Remembers `setl_id` (the request's answer), if any, and releases the claim.
     pub async fn end(mut self, setl_id: Option<&str>) {
         if self.held || setl_id.is_some() {
@@ -149,6 +181,19 @@ impl ClaimGuard {
             }
         }
         self.held = false;
+    }
+
+    /// `end`, off the caller's path; if the attempt's write may still commit until
+    /// `unknown_until_ms` (a hold deadline), the claim is kept until that and the sweeper's grace
+    /// have passed, so no duplicate reserves against the balances the attempt still holds.
+    pub fn end_in_background(self, setl_id: Option<String>, unknown_until_ms: Option<u64>) {
+        tokio::spawn(async move {
+            if let Some(until) = unknown_until_ms {
+                let wait_ms = (until + SWEEP_GRACE_MS).saturating_sub(unix_ms());
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            }
+            self.end(setl_id.as_deref()).await;
+        });
     }
 }
 

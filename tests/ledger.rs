@@ -399,7 +399,8 @@ async fn a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_pai
 /// The cache's claim per (institution, request id): one holder at a time, only the holder ends
 /// it, a claim whose owner vanished runs out, and an ended claim with an answer answers replays.
 async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
-    let gw = TestGateway::start_with(backend).await;
+    // A lease of an hour: a claim left behind would last two, far longer than this test waits.
+    let gw = TestGateway::start_adjusted(backend, |config| config.settings.hold_lease_ms = 3_600_000).await;
     let cache = &gw.app.gateway.cache;
     let claim = |code: &'static str, id: &'static str, owner: &'static str, ttl_ms: u64| async move {
         cache.claim_request(code, id, owner, ttl_ms).await.unwrap()
@@ -421,11 +422,14 @@ async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
     // An owner that vanished: its claim runs out, and its late end leaves the new holder's alone.
     assert_eq!(claim("H001", "r3", "A", 1).await, Claim::Claimed);
     let mut taken = claim("H001", "r3", "B", 60_000).await;
-    while taken == Claim::Busy {
+    for _ in 0..1_000 {
+        if taken != Claim::Busy {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         taken = claim("H001", "r3", "B", 60_000).await;
     }
-    assert_eq!(taken, Claim::Claimed);
+    assert_eq!(taken, Claim::Claimed, "a claim of 1 ms runs out");
     cache.end_claim("H001", "r3", "A", None).await.unwrap();
     assert_eq!(claim("H001", "r3", "C", 60_000).await, Claim::Busy);
 
@@ -438,12 +442,12 @@ async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
     // The gateway's guard: dropped unended (its request's future dropped), it is released in the
     // background; ended with an answer, the next attempt finds the answer.
     let gateway = &gw.app.gateway;
-    let RequestClaim::Attempt(dropped) = gateway.claim_request("H001", "r4").await else { panic!("claimed") };
+    let Ok(RequestClaim::Attempt(dropped)) = gateway.claim_request("H001", "r4").await else { panic!("claimed") };
     drop(dropped);
-    let again = tokio::time::timeout(std::time::Duration::from_secs(10), gateway.claim_request("H001", "r4"))
+    let again = tokio::time::timeout(std::time::Duration::from_secs(600), gateway.claim_request("H001", "r4"))
         .await
         .expect("a dropped claim is released, long before it would run out");
-    let RequestClaim::Attempt(ended) = again else { panic!("claimed again") };
+    let Ok(RequestClaim::Attempt(ended)) = again else { panic!("claimed again") };
     ended.end(Some("S-4")).await;
-    assert!(matches!(gateway.claim_request("H001", "r4").await, RequestClaim::Answered(id) if id == "S-4"));
+    assert!(matches!(gateway.claim_request("H001", "r4").await, Ok(RequestClaim::Answered(id, _)) if id == "S-4"));
 }

@@ -144,14 +144,24 @@ async fn fifty_concurrent_full_only_payments_against_one_account(backend: Backen
     gw.assert_books_balance().await;
 }
 
-/// A copy of a request in flight waits for the first (its answer is then the first's); one that
-/// gives up waiting, like one that finished, leaves nothing in the gateway's table of turns.
-/// A balance cache that pauses the first reservation, once it has held, until told to go on.
+/// A balance cache that, once armed, pauses the first reservation after it has held until told
+/// to go on, and says when a claim is found busy.
 struct PausingCache {
     inner: Arc<dyn BalanceCache>,
+    cues: Arc<Cues>,
+}
+
+struct Cues {
     armed: AtomicBool,
     paused: Notify,
     go: Semaphore,
+    busy: Notify,
+}
+
+impl Default for Cues {
+    fn default() -> Cues {
+        Cues { armed: AtomicBool::new(false), paused: Notify::new(), go: Semaphore::new(0), busy: Notify::new() }
+    }
 }
 
 #[async_trait::async_trait]
@@ -170,9 +180,9 @@ impl BalanceCache for PausingCache {
     }
     async fn reserve(&self, account_id: i64, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
         let held = self.inner.reserve(account_id, hold_id, want, lease_ms).await;
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.paused.notify_one();
-            let _ = self.go.acquire().await.expect("open");
+        if self.cues.armed.swap(false, Ordering::SeqCst) {
+            self.cues.paused.notify_one();
+            let _ = self.cues.go.acquire().await.expect("open");
         }
         held
     }
@@ -186,7 +196,11 @@ impl BalanceCache for PausingCache {
         self.inner.apply(account_id, balance_after, seq).await
     }
     async fn claim_request(&self, code: &str, request_id: &str, owner: &str, ttl_ms: u64) -> CacheResult<Claim> {
-        self.inner.claim_request(code, request_id, owner, ttl_ms).await
+        let claim = self.inner.claim_request(code, request_id, owner, ttl_ms).await;
+        if matches!(claim, Ok(Claim::Busy)) {
+            self.cues.busy.notify_one();
+        }
+        claim
     }
     async fn end_claim(&self, code: &str, request_id: &str, owner: &str, setl_id: Option<&str>) -> CacheResult<()> {
         self.inner.end_claim(code, request_id, owner, setl_id).await
@@ -203,48 +217,41 @@ impl BalanceCache for PausingCache {
 async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dir, backend).await;
-    let pausing = Arc::new(std::sync::OnceLock::<Arc<PausingCache>>::new());
-    let gw = {
-        let pausing = pausing.clone();
-        TestGateway::start_wrapped(backend, config.clone(), move |inner| {
-            let cache = Arc::new(PausingCache {
-                inner,
-                armed: AtomicBool::new(false),
-                paused: Notify::new(),
-                go: Semaphore::new(0),
-            });
-            let _ = pausing.set(cache.clone());
-            cache
-        })
-        .await
+    let cues = Arc::new(Cues::default());
+    let wrap = |cues: &Arc<Cues>| {
+        let cues = cues.clone();
+        move |inner| Arc::new(PausingCache { inner, cues }) as Arc<dyn BalanceCache>
     };
-    let pausing = pausing.get().unwrap().clone();
+    let gw = TestGateway::start_wrapped(backend, config.clone(), wrap(&cues)).await;
     let other = match backend {
-        Backend::Production => Some(TestGateway::start_with_config(backend, config).await),
+        Backend::Production => Some(TestGateway::start_wrapped(backend, config, wrap(&cues)).await),
         Backend::Embedded => None, // its balances live in the first gateway's process
     };
     let second_gateway = other.as_ref().unwrap_or(&gw);
     let key = gw.hospital().await;
     gw.employee("P1", "7.00").await;
 
-    pausing.armed.store(true, Ordering::SeqCst);
-    let paused = pausing.paused.notified();
+    cues.armed.store(true, Ordering::SeqCst);
     let first = {
         let (mut client, key) = (gw.settlement(), key.clone());
         tokio::spawn(async move { client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await })
     };
-    paused.await;
+    cues.paused.notified().await;
     let mut second = {
         let (mut client, key) = (second_gateway.settlement(), key.clone());
         tokio::spawn(async move { client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await })
     };
-    // The duplicate must not finish while the first is paused; give it the chance to.
-    let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut second).await;
-    pausing.go.add_permits(1);
+    // The first goes on once the duplicate found the request claimed — or once the duplicate has
+    // finished without waiting, which is the failure this test is for.
+    let finished_early = tokio::select! {
+        _ = cues.busy.notified() => None,
+        done = &mut second => Some(done),
+    };
+    cues.go.add_permits(1);
     let first = first.await.unwrap().unwrap().into_inner();
-    let second = match early {
-        Ok(done) => done,
-        Err(_) => second.await,
+    let second = match finished_early {
+        Some(done) => done,
+        None => second.await,
     }
     .unwrap()
     .unwrap()

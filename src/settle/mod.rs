@@ -21,6 +21,7 @@ use crate::ledger::{
     AccountRecord, DebitRecord, InstitutionRecord, NewSettlement, PayerContext, SettlementKey, SettlementRecord,
 };
 use crate::pin::Secret;
+use chrono::NaiveDate;
 use std::sync::Arc;
 
 /// A settlement request, parsed and validated for form by the rpc layer.
@@ -110,24 +111,37 @@ async fn run(
 ) -> Outcome<Answer> {
     let fingerprint = command.fingerprint();
     if dry_run {
-        return attempt(gateway, institution, command, &fingerprint, true, &mut None).await;
+        return attempt(gateway, institution, command, &fingerprint, true, &mut None, None).await;
     }
     let _admitted = gateway.admit()?;
-    // One attempt at a time per request id: a duplicate of one in flight waits for it here.
-    let mut claim = match gateway.claim_request(&institution.code, &command.request_id).await {
-        RequestClaim::Attempt(claim) => Some(claim),
+    // One attempt at a time per request id: a duplicate of one in flight waits for it here. The
+    // payer's context is read meanwhile (reading it has no effect; a replay discards it).
+    let (claim, context) =
+        tokio::join!(gateway.claim_request(&institution.code, &command.request_id), payer_context(gateway, &command));
+    let mut context = Some(context);
+    let mut claim = match claim? {
+        RequestClaim::Attempt(claim) => {
+            if claim.waited() {
+                context = None; // read before another attempt finished: read it again
+            }
+            Some(claim)
+        }
         // The fast path: a replay the cache remembers is answered from the ledger's record.
-        RequestClaim::Answered(setl_id) => match gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
-            Some(existing) => return replay(existing, &fingerprint),
-            None => None,
-        },
+        RequestClaim::Answered(setl_id, unclaimed) => {
+            match gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
+                Some(existing) => return replay(existing, &fingerprint),
+                // Remembered, but unknown to the ledger (a ledger reset under a shared cache):
+                // attempt unclaimed, and remember what the ledger says this time.
+                None => Some(unclaimed),
+            }
+        }
     };
     let key =
         SettlementKey::Request { institution_code: institution.code.clone(), request_id: command.request_id.clone() };
-    let outcome = attempt(gateway, institution, command, &fingerprint, false, &mut claim).await;
+    let outcome = attempt(gateway, institution, command, &fingerprint, false, &mut claim, context).await;
     // Still here if the attempt ended before its critical section (which ends the claim itself).
     if let Some(claim) = claim {
-        claim.end(None).await;
+        claim.end_in_background(None, None);
     }
     match outcome {
         Ok(answer) => Ok(answer),
@@ -150,12 +164,13 @@ async fn attempt(
     fingerprint: &str,
     dry_run: bool,
     claim: &mut Option<ClaimGuard>,
+    context: Option<(NaiveDate, Outcome<Option<PayerContext>>)>,
 ) -> Outcome<Answer> {
-    let today = gateway.clock.today();
-    // A payment no region asks a PIN for never looks at the no-PIN tier: it skips summing the
-    // payer's no-PIN payments of the day.
-    let no_pin_day = (!gateway.policies.exempt_everywhere(command.channel, command.amount)).then_some(today);
-    let context = gateway.ledger.payer_context(&command.psn_no, no_pin_day).await?.ok_or_else(|| {
+    let (today, context) = match context {
+        Some(read) => read,
+        None => payer_context(gateway, &command).await,
+    };
+    let context = context?.ok_or_else(|| {
         Failure::new(Reason::UnknownPerson, format!("person {} is not known", mask_psn_no(&command.psn_no)))
     })?;
     let policy = gateway.policy(&context.person.region)?.clone();
@@ -245,11 +260,12 @@ async fn attempt(
     // The critical section runs to completion even if this future is dropped, and holds the
     // request's claim until the outcome is known (then remembers the answer for replays).
     let claim = claim.take();
-    let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode);
+    let limit_ms = claim.as_ref().and_then(ClaimGuard::hold_deadline_limit_ms);
+    let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode, limit_ms);
     let task = tokio::spawn(async move {
-        let outcome = critical.await;
+        let (outcome, unknown_until_ms) = critical.await;
         if let Some(claim) = claim {
-            claim.end(outcome.as_ref().ok().map(|record| record.setl_id.as_str())).await;
+            claim.end_in_background(outcome.as_ref().ok().map(|record| record.setl_id.clone()), unknown_until_ms);
         }
         outcome
     });
@@ -261,6 +277,15 @@ async fn attempt(
         }
     };
     replay(record, fingerprint).map(|answer| Answer { pin_required: decision.pin_required, ..answer })
+}
+
+/// Today, and the payer's context as of today from the ledger.
+async fn payer_context(gateway: &Gateway, command: &SettleCommand) -> (NaiveDate, Outcome<Option<PayerContext>>) {
+    let today = gateway.clock.today();
+    // A payment no region asks a PIN for never looks at the no-PIN tier: it skips summing the
+    // payer's no-PIN payments of the day.
+    let no_pin_day = (!gateway.policies.exempt_everywhere(command.channel, command.amount)).then_some(today);
+    (today, gateway.ledger.payer_context(&command.psn_no, no_pin_day).await.map_err(Failure::from))
 }
 
 /// A premium for somebody else: only for a family member the payer registered (002 Q6).

@@ -21,26 +21,31 @@ use std::time::Duration;
 /// If the ledger refuses a debit the cache allowed (the cache was behind the ledger, e.g. after a
 /// commit it never heard of), the accounts are reloaded from the ledger and the payment is tried
 /// once more with fresh holds.
+///
+/// No hold deadline later than `hold_deadline_limit_ms` is taken (the request's claim must outlive
+/// the write). With a failure whose outcome is unknown (the write may yet commit) comes the hold
+/// deadline until which it may.
 pub async fn run(
     gateway: Arc<Gateway>,
     new: NewSettlement,
     sources: Vec<Source>,
     draw_max: Money,
     mode: PayMode,
-) -> Outcome<SettlementRecord> {
+    hold_deadline_limit_ms: Option<u64>,
+) -> (Outcome<SettlementRecord>, Option<u64>) {
     const ATTEMPTS_MAX: usize = 2;
     let mut attempt = 1;
     loop {
-        match run_once(&gateway, new.clone(), &sources, draw_max, mode).await {
+        match run_once(&gateway, new.clone(), &sources, draw_max, mode, hold_deadline_limit_ms).await {
             Err(Retry::Reloaded) if attempt < ATTEMPTS_MAX => attempt += 1,
             Err(Retry::Reloaded) => {
-                return Err(Failure::new(
-                    Reason::InsufficientBalance,
-                    "the ledger refused: the balance is not sufficient",
-                ))
+                let failure =
+                    Failure::new(Reason::InsufficientBalance, "the ledger refused: the balance is not sufficient");
+                return (Err(failure), None);
             }
-            Err(Retry::Done(failure)) => return Err(failure),
-            Ok(record) => return Ok(record),
+            Err(Retry::Done(failure)) => return (Err(failure), None),
+            Err(Retry::Unknown(failure, hold_deadline_ms)) => return (Err(failure), Some(hold_deadline_ms)),
+            Ok(record) => return (Ok(record), None),
         }
     }
 }
@@ -49,6 +54,8 @@ enum Retry {
     /// The ledger refused a debit the cache allowed; the cache now holds the ledger's balances.
     Reloaded,
     Done(Failure),
+    /// The write may still commit, until this hold deadline (Unix ms).
+    Unknown(Failure, u64),
 }
 
 impl From<Failure> for Retry {
@@ -63,12 +70,21 @@ async fn run_once(
     sources: &[Source],
     draw_max: Money,
     mode: PayMode,
+    hold_deadline_limit_ms: Option<u64>,
 ) -> Result<SettlementRecord, Retry> {
     let hold_id = gateway.new_id('S');
     new.setl_id = hold_id.clone();
     // Every hold taken below has a lease ending at or after this deadline; the ledger refuses the
     // write after it, and the sweeper releases holds only after it.
-    new.hold_deadline_ms = Some(unix_ms() + gateway.settings.hold_lease_ms);
+    let hold_deadline_ms = unix_ms() + gateway.settings.hold_lease_ms;
+    if hold_deadline_limit_ms.is_some_and(|limit| hold_deadline_ms > limit) {
+        return Err(Failure::new(
+            Reason::BackendUnavailable,
+            "the payment took too long to prepare; nothing was paid, retry",
+        )
+        .into());
+    }
+    new.hold_deadline_ms = Some(hold_deadline_ms);
     let mut holds: Vec<(i64, Money)> = Vec::new();
     let mut left = draw_max;
     for source in sources {
@@ -107,9 +123,10 @@ async fn run_once(
         Ok(Ok(result)) => result,
         // The outcome is unknown: the batch may have committed. Leave the holds; the sweeper
         // settles them against the ledger after their lease, so the cache never overstates.
-        Ok(Err(unavailable)) => return Err(Failure::from(unavailable).into()),
+        Ok(Err(unavailable)) => return Err(Retry::Unknown(Failure::from(unavailable), hold_deadline_ms)),
         Err(_elapsed) => {
-            return Err(Failure::new(Reason::BackendUnavailable, "the ledger did not answer in time").into())
+            let failure = Failure::new(Reason::BackendUnavailable, "the ledger did not answer in time");
+            return Err(Retry::Unknown(failure, hold_deadline_ms));
         }
     };
     match result {
