@@ -132,6 +132,7 @@ pub async fn build_with(
         clock,
         settings: config.settings.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(config.settings.in_flight_max.max(1))),
+        background: Default::default(),
     });
     crate::settle::sweeper::spawn(Arc::downgrade(&gateway), Duration::from_secs(1));
     let auth = Arc::new(Authenticator::new(ledger, config.operator_key.as_deref()));

@@ -6,7 +6,7 @@ use crate::cache::{BalanceCache, Claim};
 use crate::clock::Clock;
 use crate::domain::policy::{Policies, RegionPolicy};
 use crate::error::{Failure, Outcome, Reason};
-use crate::ledger::{Ledger, PersonRecord};
+use crate::ledger::{Ledger, PersonRecord, SettlementKey};
 use crate::pin::PinHasher;
 use crate::settle::commit::Committer;
 use crate::settle::sweeper::SWEEP_GRACE_MS;
@@ -53,6 +53,9 @@ pub struct Gateway {
     pub settings: Settings,
     /// Admission: one permit per money-moving request in flight (`Settings::in_flight_max`).
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// Work a request leaves behind after its answer (ending its claim, finding out an unknown
+    /// commit's fate), which a graceful stop waits for.
+    pub background: Background,
 }
 
 impl Gateway {
@@ -67,9 +70,10 @@ impl Gateway {
     /// shares the cache: a duplicate sent while an attempt is in flight (a retry to another node
     /// behind a balancer, say) waits for it, then finds its answer, instead of reserving against
     /// the same balances and, in partial mode, possibly reaching the ledger first holding less.
-    /// The wait ends when the attempt ends its claim: once its outcome is known or, if its commit's
-    /// outcome is unknown, once the ledger can no longer accept the write (the hold deadline and
-    /// the sweeper's grace); at the latest when the claim runs out. A cache that cannot be asked
+    /// The wait ends when the attempt ends its claim: once its outcome is known (a commit that timed
+    /// out: once the ledger has said what became of it, and its holds are settled), or when the
+    /// ledger is found to hold the request's settlement (asked after each lease of waiting, for a
+    /// holder that vanished), at the latest when the claim runs out. A cache that cannot be asked
     /// fails the request closed, as its reservation would.
     pub async fn claim_request(&self, institution_code: &str, request_id: &str) -> Outcome<RequestClaim> {
         let ttl_ms = claim_ttl_ms(self.settings.hold_lease_ms);
@@ -85,7 +89,22 @@ impl Gateway {
             waited: false,
         };
         let mut pause = std::time::Duration::from_millis(2);
+        // A holder that vanished (its gateway crashed) never ends its claim: after a lease of
+        // waiting, when its write has either committed or can no longer, the ledger is asked too.
+        let ask_every = std::time::Duration::from_millis(self.settings.hold_lease_ms);
+        let mut ask_ledger_at = tokio::time::Instant::now() + ask_every;
         loop {
+            if guard.waited && tokio::time::Instant::now() >= ask_ledger_at {
+                let key = SettlementKey::Request {
+                    institution_code: institution_code.to_string(),
+                    request_id: request_id.to_string(),
+                };
+                if let Some(settled) = self.ledger.settlement(key).await? {
+                    guard.held = false;
+                    return Ok(RequestClaim::Answered(settled.setl_id, guard));
+                }
+                ask_ledger_at = tokio::time::Instant::now() + ask_every;
+            }
             let asked_at_ms = unix_ms();
             match self.cache.claim_request(institution_code, request_id, &guard.owner, ttl_ms).await? {
                 Claim::Answered(setl_id) => {
@@ -125,6 +144,42 @@ impl Gateway {
     /// random suffix cost about three written pages per settlement.
     pub fn new_id(&self, prefix: char) -> String {
         id_at(prefix, self.clock.now(), next_id_sequence())
+    }
+}
+
+/// Tasks spawned to finish after a request's answer; `drain` waits for them at a graceful stop.
+#[derive(Clone, Default)]
+pub struct Background {
+    running: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
+}
+
+impl Background {
+    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        use std::sync::atomic::Ordering;
+        let running = self.running.clone();
+        running.0.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            work.await;
+            if running.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                running.1.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits until no such task runs, or `within` has passed; returns how many still run.
+    pub async fn drain(&self, within: std::time::Duration) -> usize {
+        use std::sync::atomic::Ordering;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = self.running.1.notified();
+            let running = self.running.0.load(Ordering::SeqCst);
+            if running == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.running.0.load(Ordering::SeqCst);
+            }
+        }
     }
 }
 
@@ -181,19 +236,6 @@ impl ClaimGuard {
             }
         }
         self.held = false;
-    }
-
-    /// `end`, off the caller's path; if the attempt's write may still commit until
-    /// `unknown_until_ms` (a hold deadline), the claim is kept until that and the sweeper's grace
-    /// have passed, so no duplicate reserves against the balances the attempt still holds.
-    pub fn end_in_background(self, setl_id: Option<String>, unknown_until_ms: Option<u64>) {
-        tokio::spawn(async move {
-            if let Some(until) = unknown_until_ms {
-                let wait_ms = (until + SWEEP_GRACE_MS).saturating_sub(unix_ms());
-                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-            }
-            self.end(setl_id.as_deref()).await;
-        });
     }
 }
 

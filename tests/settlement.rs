@@ -10,6 +10,7 @@ on_both_backends!(
     fifty_concurrent_full_only_payments_against_one_account,
     replay_returns_the_first_answer_and_a_changed_request_is_refused,
     a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway,
+    a_commit_that_timed_out_is_found_out_before_its_retry_goes_on,
     pin_rules_and_the_durable_lockout,
     pin_management_weak_change_and_operator_reset,
     no_pin_tier_per_payment_and_per_day,
@@ -232,11 +233,14 @@ async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(bac
     gw.employee("P1", "7.00").await;
 
     cues.armed.store(true, Ordering::SeqCst);
-    let first = {
+    let mut first = {
         let (mut client, key) = (gw.settlement(), key.clone());
         tokio::spawn(async move { client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await })
     };
-    cues.paused.notified().await;
+    tokio::select! {
+        _ = cues.paused.notified() => {}
+        done = &mut first => panic!("the first attempt ended before it held anything: {done:?}"),
+    }
     let mut second = {
         let (mut client, key) = (second_gateway.settlement(), key.clone());
         tokio::spawn(async move { client.settle(auth(settle_request("dup", "P1", "7.00"), &key)).await })
@@ -264,6 +268,75 @@ async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(bac
     assert_eq!(second, first, "the duplicate answers what the first settled");
     assert_eq!(gw.balance_of("P1").await, "0.00");
     gw.assert_quiet_cache_equals_ledger(&["P1".to_string()]).await;
+    gw.assert_books_balance().await;
+}
+
+/// Something outside the gateway that keeps the ledger from writing P1's account: on SQLite a
+/// write transaction of its own, on PostgreSQL a row lock on the account. Dropped, it lets go.
+enum LedgerBlock {
+    Sqlite(rusqlite::Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+impl LedgerBlock {
+    async fn take(gw: &TestGateway, psn_no: &str) -> LedgerBlock {
+        match &gw.config.ledger_url {
+            None => {
+                let conn = rusqlite::Connection::open(gw.data_dir().join("ledger.db")).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                LedgerBlock::Sqlite(conn)
+            }
+            Some(url) => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                client.batch_execute("BEGIN").await.unwrap();
+                client.query("SELECT 1 FROM accounts WHERE psn_no = $1 FOR UPDATE", &[&psn_no]).await.unwrap();
+                LedgerBlock::Postgres(client)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            LedgerBlock::Sqlite(conn) => conn.execute_batch("ROLLBACK").unwrap(),
+            LedgerBlock::Postgres(client) => client.batch_execute("ROLLBACK").await.unwrap(),
+        }
+    }
+}
+
+/// A commit that outlives the commit timeout answers BACKEND_UNAVAILABLE, and its outcome is
+/// unknown. The gateway asks the ledger what became of it (fencing the write if it had not
+/// committed) and settles its holds before a retry may go on, so the retry answers the one
+/// settlement and finds no hold left behind to wait for the sweeper.
+async fn a_commit_that_timed_out_is_found_out_before_its_retry_goes_on(backend: Backend) {
+    let gw = TestGateway::start_adjusted(backend, |config| {
+        config.settings.hold_lease_ms = 60_000;
+        config.settings.commit_timeout_ms = 1_000;
+    })
+    .await;
+    let key = gw.hospital().await;
+    gw.employee("P1", "10.00").await;
+    let block = LedgerBlock::take(&gw, "P1").await;
+    assert_refused(
+        gw.settle(&key, settle_request("slow", "P1", "7.00")).await,
+        Code::Unavailable,
+        "BACKEND_UNAVAILABLE",
+    );
+    let retry = {
+        let (mut client, key) = (gw.settlement(), key.clone());
+        tokio::spawn(async move { client.settle(auth(settle_request("slow", "P1", "7.00"), &key)).await })
+    };
+    block.release().await;
+    let retried = retry.await.unwrap().unwrap().into_inner();
+    assert_eq!((retried.acct_pay.as_str(), retried.psn_cash_pay.as_str()), ("7.00", "0.00"));
+    // Whichever attempt settled, nothing is held any more: the timed-out attempt's hold was
+    // settled before the retry went on (the sweeper would only come after the 60 s lease).
+    let account = gw.app.gateway.ledger.person("P1").await.unwrap().unwrap().account.unwrap().id;
+    let cached = gw.app.gateway.cache.get(account).await.unwrap().expect("cached");
+    assert_eq!(cached.held, Money::ZERO, "no hold is left for the sweeper");
+    assert_eq!(gw.balance_of("P1").await, "3.00", "paid once");
+    let again = gw.settle(&key, settle_request("slow", "P1", "7.00")).await.unwrap();
+    assert_eq!(again, retried);
     gw.assert_books_balance().await;
 }
 

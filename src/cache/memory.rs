@@ -142,8 +142,8 @@ impl BalanceCache for MemoryCache {
         }
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
         let now = unix_ms();
-        if let Some((_, end)) = claims.get(&key) {
-            if *end > now {
+        if let Some((holder, end)) = claims.get(&key) {
+            if *end > now && holder != owner {
                 return Ok(Claim::Busy);
             }
         }

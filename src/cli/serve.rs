@@ -98,7 +98,12 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     }
     let gateway = app.gateway.clone();
     let result = app::serve(app, listener, shutdown_signal()).await;
-    // In-flight calls are done; every acknowledged write was committed (synchronous=FULL).
+    // In-flight calls are done; every acknowledged write was committed (synchronous=FULL). What
+    // they left behind (request claims to end, unknown commits to find out) gets a moment more.
+    let left = gateway.background.drain(std::time::Duration::from_secs(10)).await;
+    if left > 0 {
+        tracing::warn!(left, "stopping with work after answers unfinished; claims run out, the sweeper settles holds");
+    }
     drop(gateway);
     match result {
         Ok(()) => {

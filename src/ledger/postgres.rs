@@ -600,7 +600,14 @@ impl Ledger for PostgresLedger {
                 &[&hold_id],
             )
             .await?;
-        Ok(row.map(|row| row.get::<_, bool>(0)).unwrap_or(false))
+        if let Some(row) = row {
+            return Ok(row.get::<_, bool>(0));
+        }
+        // The fence waited for a write of this hold still in flight, which then committed: that
+        // row is newer than this statement's snapshot, so a statement of its own reads it.
+        let row = self.query_opt("SELECT committed FROM hold_fates WHERE hold_id = $1", &[&hold_id]).await?;
+        row.map(|row| row.get::<_, bool>(0))
+            .ok_or_else(|| LedgerUnavailable(format!("hold {hold_id} has no fate after fencing")))
     }
 
     async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>> {

@@ -141,7 +141,7 @@ async fn run(
     let outcome = attempt(gateway, institution, command, &fingerprint, false, &mut claim, context).await;
     // Still here if the attempt ended before its critical section (which ends the claim itself).
     if let Some(claim) = claim {
-        claim.end_in_background(None, None);
+        gateway.background.spawn(claim.end(None));
     }
     match outcome {
         Ok(answer) => Ok(answer),
@@ -262,11 +262,28 @@ async fn attempt(
     let claim = claim.take();
     let limit_ms = claim.as_ref().and_then(ClaimGuard::hold_deadline_limit_ms);
     let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode, limit_ms);
+    let background = gateway.clone();
     let task = tokio::spawn(async move {
-        let (outcome, unknown_until_ms) = critical.await;
-        if let Some(claim) = claim {
-            claim.end_in_background(outcome.as_ref().ok().map(|record| record.setl_id.clone()), unknown_until_ms);
-        }
+        let (outcome, unsettled) = critical.await;
+        let answer = outcome.as_ref().ok().map(|record| record.setl_id.clone());
+        // Off the answer's path: an unknown commit's fate is found out (its holds settled) before
+        // the claim ends, so a retry neither reserves beside holds that may still commit nor
+        // misses the answer.
+        background.background.spawn({
+            let gateway = background.clone();
+            async move {
+                let answer = match unsettled {
+                    None => answer,
+                    Some(unsettled) => match reserve::settle_unknown(&gateway, &unsettled).await {
+                        Some(true) => Some(unsettled.setl_id),
+                        _ => None,
+                    },
+                };
+                if let Some(claim) = claim {
+                    claim.end(answer.as_deref()).await;
+                }
+            }
+        });
         outcome
     });
     let record = match task.await {

@@ -5,6 +5,7 @@
 //! Holds are per account (one Redis hash tag each), the "balancing debits" shape: a multi-account
 //! payment is a sequence of single-account holds with compensation, never one script over many.
 
+use super::sweeper::{settle_hold, SWEEP_GRACE_MS};
 use super::Source;
 use crate::cache::memory::unix_ms;
 use crate::cache::Reserve;
@@ -23,8 +24,8 @@ use std::time::Duration;
 /// once more with fresh holds.
 ///
 /// No hold deadline later than `hold_deadline_limit_ms` is taken (the request's claim must outlive
-/// the write). With a failure whose outcome is unknown (the write may yet commit) comes the hold
-/// deadline until which it may.
+/// the write). With a failure whose outcome is unknown (the write may yet commit) comes what the
+/// caller needs to find it out (`settle_unknown`).
 pub async fn run(
     gateway: Arc<Gateway>,
     new: NewSettlement,
@@ -32,7 +33,7 @@ pub async fn run(
     draw_max: Money,
     mode: PayMode,
     hold_deadline_limit_ms: Option<u64>,
-) -> (Outcome<SettlementRecord>, Option<u64>) {
+) -> (Outcome<SettlementRecord>, Option<Unsettled>) {
     const ATTEMPTS_MAX: usize = 2;
     let mut attempt = 1;
     loop {
@@ -44,7 +45,7 @@ pub async fn run(
                 return (Err(failure), None);
             }
             Err(Retry::Done(failure)) => return (Err(failure), None),
-            Err(Retry::Unknown(failure, hold_deadline_ms)) => return (Err(failure), Some(hold_deadline_ms)),
+            Err(Retry::Unknown(failure, unsettled)) => return (Err(failure), Some(unsettled)),
             Ok(record) => return (Ok(record), None),
         }
     }
@@ -54,8 +55,47 @@ enum Retry {
     /// The ledger refused a debit the cache allowed; the cache now holds the ledger's balances.
     Reloaded,
     Done(Failure),
-    /// The write may still commit, until this hold deadline (Unix ms).
-    Unknown(Failure, u64),
+    /// The write may still commit.
+    Unknown(Failure, Unsettled),
+}
+
+/// A settlement write whose outcome is unknown (the commit timed out, or the ledger failed while
+/// it was in flight): it may still commit until its hold deadline, and its holds stay meanwhile.
+#[derive(Debug)]
+pub struct Unsettled {
+    /// The settlement's id, which is also its holds' id.
+    pub setl_id: String,
+    pub account_ids: Vec<i64>,
+    pub hold_deadline_ms: u64,
+}
+
+/// Finds out what became of an unsettled write and settles its holds accordingly: asks the ledger
+/// to fence the hold (as the sweeper does after the lease), which it refuses if the write
+/// committed. Retries while the ledger cannot be reached, until the deadline and the sweeper's
+/// grace have passed (the sweeper then takes over). `Some(committed)` once known.
+pub async fn settle_unknown(gateway: &Gateway, unsettled: &Unsettled) -> Option<bool> {
+    let give_up_at_ms = unsettled.hold_deadline_ms + SWEEP_GRACE_MS;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let failure = match gateway.ledger.resolve_hold(&unsettled.setl_id).await {
+            Ok(committed) => {
+                for account_id in &unsettled.account_ids {
+                    if let Err(failure) = settle_hold(gateway, *account_id, &unsettled.setl_id, committed).await {
+                        // The hold stays, with the ledger's fate final: the sweeper finishes it.
+                        tracing::warn!(%failure, setl_id = %unsettled.setl_id, "could not settle a hold");
+                    }
+                }
+                return Some(committed);
+            }
+            Err(error) => error,
+        };
+        if unix_ms() >= give_up_at_ms {
+            tracing::warn!(%failure, setl_id = %unsettled.setl_id, "the fate of a write is unknown; left to the sweeper");
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
 }
 
 impl From<Failure> for Retry {
@@ -117,16 +157,22 @@ async fn run_once(
         );
     }
 
+    let unsettled = || Unsettled {
+        setl_id: hold_id.clone(),
+        account_ids: holds.iter().map(|(account_id, _)| *account_id).collect(),
+        hold_deadline_ms,
+    };
     let timeout = Duration::from_millis(gateway.settings.commit_timeout_ms);
     let committed = tokio::time::timeout(timeout, gateway.committer.commit(LedgerWrite::Settle(new))).await;
     let result = match committed {
         Ok(Ok(result)) => result,
-        // The outcome is unknown: the batch may have committed. Leave the holds; the sweeper
-        // settles them against the ledger after their lease, so the cache never overstates.
-        Ok(Err(unavailable)) => return Err(Retry::Unknown(Failure::from(unavailable), hold_deadline_ms)),
+        // The outcome is unknown: the batch may have committed. Leave the holds for the caller
+        // to settle once the ledger says (`settle_unknown`), or the sweeper after their lease;
+        // either way the cache never overstates.
+        Ok(Err(unavailable)) => return Err(Retry::Unknown(Failure::from(unavailable), unsettled())),
         Err(_elapsed) => {
             let failure = Failure::new(Reason::BackendUnavailable, "the ledger did not answer in time");
-            return Err(Retry::Unknown(failure, hold_deadline_ms));
+            return Err(Retry::Unknown(failure, unsettled()));
         }
     };
     match result {

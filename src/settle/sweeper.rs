@@ -3,7 +3,9 @@
 //! ledger has the settlement, release it if not (DESIGN §2).
 
 use crate::cache::memory::unix_ms;
+use crate::error::Outcome;
 use crate::gateway::Gateway;
+use crate::ledger::AccountId;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,29 +33,29 @@ pub async fn sweep_once(gateway: &Gateway, now_ms: u64) -> usize {
                 return settled;
             }
         };
-        let outcome = if committed {
-            match gateway.ledger.account_balance(hold.account_id).await {
-                Ok(Some((balance, seq))) => {
-                    gateway.cache.commit_hold(hold.account_id, &hold.hold_id, balance, seq).await
-                }
-                Ok(None) => gateway.cache.release_hold(hold.account_id, &hold.hold_id).await,
-                Err(error) => {
-                    tracing::warn!(%error, "sweeper cannot reach the ledger");
-                    return settled;
-                }
-            }
-        } else {
-            gateway.cache.release_hold(hold.account_id, &hold.hold_id).await
-        };
-        match outcome {
+        match settle_hold(gateway, hold.account_id, &hold.hold_id, committed).await {
             Ok(()) => {
                 tracing::info!(hold_id = %hold.hold_id, committed, "sweeper settled an expired hold");
                 settled += 1;
             }
-            Err(error) => tracing::warn!(%error, "sweeper cannot update the cache"),
+            Err(failure) => {
+                tracing::warn!(%failure, "sweeper cannot settle a hold");
+                return settled;
+            }
         }
     }
     settled
+}
+
+/// Brings the cache in line with a hold's final fate in the ledger: a committed hold is dropped
+/// with the account's ledger balance installed, a fenced one released.
+pub async fn settle_hold(gateway: &Gateway, account_id: AccountId, hold_id: &str, committed: bool) -> Outcome<()> {
+    let balance = if committed { gateway.ledger.account_balance(account_id).await? } else { None };
+    match balance {
+        Some((balance, seq)) => gateway.cache.commit_hold(account_id, hold_id, balance, seq).await?,
+        None => gateway.cache.release_hold(account_id, hold_id).await?,
+    }
+    Ok(())
 }
 
 /// Runs passes every `interval` until the gateway is dropped.

@@ -33,12 +33,13 @@ CREATE TABLE IF NOT EXISTS accounts (
 -- Room on every page for the next version of its rows: a payment's balance update is then a HOT
 -- update (the new version on the same page, no index touched) instead of a new version on another
 -- page plus an entry in each of the three indexes, every one a page to read and, the first time
--- after a checkpoint, to write whole into the WAL. COPY (the bulk import) keeps it too. Pages
--- written before the setting keep their fill until rewritten.
+-- after a checkpoint, to write whole into the WAL. COPY (the bulk import) keeps it too. Set once
+-- (a fillfactor an operator chose is kept); pages written before it keep their fill until the
+-- table is rewritten (VACUUM FULL, pg_repack).
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = 'accounts'::regclass
-                   AND 'fillfactor=80' = ANY (coalesce(reloptions, '{}'))) THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_class c, unnest(coalesce(c.reloptions, '{}')) AS o(option)
+                    WHERE c.oid = 'accounts'::regclass AND o.option LIKE 'fillfactor=%') THEN
         ALTER TABLE accounts SET (fillfactor = 80);
     END IF;
 END $$;
