@@ -53,8 +53,8 @@ pub struct Gateway {
     pub settings: Settings,
     /// Admission: one permit per money-moving request in flight (`Settings::in_flight_max`).
     pub admission: Arc<tokio::sync::Semaphore>,
-    /// Work a request leaves behind after its answer (ending its claim, finding out an unknown
-    /// commit's fate), which a graceful stop waits for.
+    /// Settlement critical sections and the work they leave after the answer (ending the claim,
+    /// finding out an unknown commit's fate), which a graceful stop waits for.
     pub background: Background,
 }
 
@@ -147,23 +147,33 @@ impl Gateway {
     }
 }
 
-/// Tasks spawned to finish after a request's answer; `drain` waits for them at a graceful stop.
+/// Tasks that must finish whatever happens to the request that started them (a settlement's
+/// critical section, the work after its answer); `drain` waits for them at a graceful stop.
 #[derive(Clone, Default)]
 pub struct Background {
     running: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
 }
 
 impl Background {
-    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
-        use std::sync::atomic::Ordering;
-        let running = self.running.clone();
-        running.0.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            work.await;
-            if running.0.fetch_sub(1, Ordering::SeqCst) == 1 {
-                running.1.notify_waiters();
+    /// Spawns `work`, counted until it ends (or panics).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        struct Counted(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                if self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    self.0 .1.notify_waiters();
+                }
             }
-        });
+        }
+        self.running.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let counted = Counted(self.running.clone());
+        tokio::spawn(async move {
+            let _counted = counted;
+            work.await
+        })
     }
 
     /// Waits until no such task runs, or `within` has passed; returns how many still run.

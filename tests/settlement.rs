@@ -311,7 +311,7 @@ impl LedgerBlock {
 async fn a_commit_that_timed_out_is_found_out_before_its_retry_goes_on(backend: Backend) {
     let gw = TestGateway::start_adjusted(backend, |config| {
         config.settings.hold_lease_ms = 60_000;
-        config.settings.commit_timeout_ms = 1_000;
+        config.settings.commit_timeout_ms = 2_000;
     })
     .await;
     let key = gw.hospital().await;
@@ -327,7 +327,13 @@ async fn a_commit_that_timed_out_is_found_out_before_its_retry_goes_on(backend: 
         tokio::spawn(async move { client.settle(auth(settle_request("slow", "P1", "7.00"), &key)).await })
     };
     block.release().await;
-    let retried = retry.await.unwrap().unwrap().into_inner();
+    // Long before the claim (two leases) or the sweeper (one lease and grace) could end the wait.
+    let retried = tokio::time::timeout(std::time::Duration::from_secs(40), retry)
+        .await
+        .expect("the retry is answered once the timed-out write's fate is known")
+        .unwrap()
+        .unwrap()
+        .into_inner();
     assert_eq!((retried.acct_pay.as_str(), retried.psn_cash_pay.as_str()), ("7.00", "0.00"));
     // Whichever attempt settled, nothing is held any more: the timed-out attempt's hold was
     // settled before the retry went on (the sweeper would only come after the 60 s lease).

@@ -591,23 +591,27 @@ impl Ledger for PostgresLedger {
     }
 
     async fn resolve_hold(&self, hold_id: &str) -> LedgerResult<bool> {
-        // One statement: fence the hold unless its write claimed it, then read whichever fate won.
-        let row = self
-            .query_opt(
-                "WITH fenced AS (INSERT INTO hold_fates (hold_id, committed) VALUES ($1, FALSE)
-                                 ON CONFLICT (hold_id) DO NOTHING RETURNING committed)
-                 SELECT committed FROM fenced UNION ALL SELECT committed FROM hold_fates WHERE hold_id = $1",
-                &[&hold_id],
-            )
-            .await?;
-        if let Some(row) = row {
-            return Ok(row.get::<_, bool>(0));
+        let mut client = self.client().await?;
+        let tx = deadline(client.transaction()).await?;
+        // The fence waits for a write of this hold still in flight, but gives up before the
+        // call's deadline: a statement left running would keep its pooled connection busy.
+        deadline(tx.batch_execute("SET LOCAL lock_timeout = '5s'")).await?;
+        // Fence the hold unless its write claimed it, then read whichever fate won.
+        let fence = deadline(tx.prepare_cached(
+            "WITH fenced AS (INSERT INTO hold_fates (hold_id, committed) VALUES ($1, FALSE)
+                             ON CONFLICT (hold_id) DO NOTHING RETURNING committed)
+             SELECT committed FROM fenced UNION ALL SELECT committed FROM hold_fates WHERE hold_id = $1",
+        ))
+        .await?;
+        let mut fate = deadline(tx.query_opt(&fence, &[&hold_id])).await?.map(|row| row.get::<_, bool>(0));
+        if fate.is_none() {
+            // The fence waited for a write of this hold, which then committed: that row is newer
+            // than the statement's snapshot, so a statement of its own reads it.
+            let read = deadline(tx.prepare_cached("SELECT committed FROM hold_fates WHERE hold_id = $1")).await?;
+            fate = deadline(tx.query_opt(&read, &[&hold_id])).await?.map(|row| row.get::<_, bool>(0));
         }
-        // The fence waited for a write of this hold still in flight, which then committed: that
-        // row is newer than this statement's snapshot, so a statement of its own reads it.
-        let row = self.query_opt("SELECT committed FROM hold_fates WHERE hold_id = $1", &[&hold_id]).await?;
-        row.map(|row| row.get::<_, bool>(0))
-            .ok_or_else(|| LedgerUnavailable(format!("hold {hold_id} has no fate after fencing")))
+        deadline(tx.commit()).await?;
+        fate.ok_or_else(|| LedgerUnavailable(format!("hold {hold_id} has no fate after fencing")))
     }
 
     async fn entries(&self, query: EntryQuery) -> LedgerResult<Vec<EntryRecord>> {

@@ -263,7 +263,7 @@ async fn attempt(
     let limit_ms = claim.as_ref().and_then(ClaimGuard::hold_deadline_limit_ms);
     let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode, limit_ms);
     let background = gateway.clone();
-    let task = tokio::spawn(async move {
+    let task = gateway.background.spawn(async move {
         let (outcome, unsettled) = critical.await;
         let answer = outcome.as_ref().ok().map(|record| record.setl_id.clone());
         // Off the answer's path: an unknown commit's fate is found out (its holds settled) before

@@ -38,10 +38,8 @@ pub async fn sweep_once(gateway: &Gateway, now_ms: u64) -> usize {
                 tracing::info!(hold_id = %hold.hold_id, committed, "sweeper settled an expired hold");
                 settled += 1;
             }
-            Err(failure) => {
-                tracing::warn!(%failure, "sweeper cannot settle a hold");
-                return settled;
-            }
+            // One hold the cache would not update does not hold up the others.
+            Err(failure) => tracing::warn!(%failure, hold_id = %hold.hold_id, "sweeper cannot settle a hold"),
         }
     }
     settled
