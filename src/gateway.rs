@@ -81,6 +81,7 @@ impl Gateway {
         // whatever happens to this future (ending a claim somebody else holds does nothing).
         let mut guard = ClaimGuard {
             cache: self.cache.clone(),
+            background: self.background.clone(),
             institution_code: institution_code.to_string(),
             request_id: request_id.to_string(),
             owner: self.new_id('C'),
@@ -212,6 +213,8 @@ pub enum RequestClaim {
 /// request's future dropped), it is released in the background.
 pub struct ClaimGuard {
     cache: Arc<dyn BalanceCache>,
+    /// Where a claim dropped unended is released (a graceful stop waits for it).
+    background: Background,
     institution_code: String,
     request_id: String,
     owner: String,
@@ -254,14 +257,16 @@ impl Drop for ClaimGuard {
         if !self.held {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return; // no runtime left to run it on: the claim runs out
+        }
         let cache = self.cache.clone();
         let (code, id, owner) = (
             std::mem::take(&mut self.institution_code),
             std::mem::take(&mut self.request_id),
             std::mem::take(&mut self.owner),
         );
-        runtime.spawn(async move {
+        self.background.spawn(async move {
             if let Err(error) = cache.end_claim(&code, &id, &owner, None).await {
                 tracing::warn!(%error, "could not release a request's claim");
             }

@@ -28,18 +28,23 @@ const REQUESTS_MAX: usize = 100_000;
 
 pub struct MemoryCache {
     shards: Vec<Mutex<HashMap<AccountId, Entry>>>,
+    /// Answers and claims per request, under one lock, as one Redis script sees them.
+    requests: Mutex<Requests>,
+}
+
+#[derive(Default)]
+struct Requests {
     /// (institution code, request id) → setl_id.
-    requests: Mutex<HashMap<(String, String), String>>,
+    answers: HashMap<(String, String), String>,
     /// (institution code, request id) → (owner, claim end in Unix ms), for attempts in flight.
-    claims: Mutex<HashMap<(String, String), (String, u64)>>,
+    claims: HashMap<(String, String), (String, u64)>,
 }
 
 impl Default for MemoryCache {
     fn default() -> Self {
         MemoryCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            requests: Mutex::new(HashMap::new()),
-            claims: Mutex::new(HashMap::new()),
+            requests: Mutex::new(Requests::default()),
         }
     }
 }
@@ -137,21 +142,21 @@ impl BalanceCache for MemoryCache {
         ttl_ms: u64,
     ) -> CacheResult<Claim> {
         let key = (institution_code.to_string(), request_id.to_string());
-        if let Some(setl_id) = self.requests.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(setl_id) = requests.answers.get(&key) {
             return Ok(Claim::Answered(setl_id.clone()));
         }
-        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
         let now = unix_ms();
-        if let Some((holder, end)) = claims.get(&key) {
+        if let Some((holder, end)) = requests.claims.get(&key) {
             if *end > now && holder != owner {
                 return Ok(Claim::Busy);
             }
         }
-        if claims.len() >= REQUESTS_MAX {
+        if requests.claims.len() >= REQUESTS_MAX {
             // Only claims whose owner vanished without ending them can have run out.
-            claims.retain(|_, (_, end)| *end > now);
+            requests.claims.retain(|_, (_, end)| *end > now);
         }
-        claims.insert(key, (owner.to_string(), now + ttl_ms));
+        requests.claims.insert(key, (owner.to_string(), now + ttl_ms));
         Ok(Claim::Claimed)
     }
 
@@ -163,16 +168,15 @@ impl BalanceCache for MemoryCache {
         setl_id: Option<&str>,
     ) -> CacheResult<()> {
         let key = (institution_code.to_string(), request_id.to_string());
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(setl_id) = setl_id {
-            let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            if requests.len() >= REQUESTS_MAX {
-                requests.clear();
+            if requests.answers.len() >= REQUESTS_MAX {
+                requests.answers.clear();
             }
-            requests.insert(key.clone(), setl_id.to_string());
+            requests.answers.insert(key.clone(), setl_id.to_string());
         }
-        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
-        if claims.get(&key).is_some_and(|(holder, _)| holder == owner) {
-            claims.remove(&key);
+        if requests.claims.get(&key).is_some_and(|(holder, _)| holder == owner) {
+            requests.claims.remove(&key);
         }
         Ok(())
     }

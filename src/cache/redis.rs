@@ -5,8 +5,9 @@
 //! hash `{a:<id>}:h` of hold id → fen (held money is always summed from it, never counted apart). Both carry the same hash tag, and every
 //! script touches exactly one account, so the layout works on a cluster however family graphs
 //! overlap. Lease ends live in one sorted set, an index only: the sweeper reads it to find holds
-//! whose lease ran out, and the holds themselves stay authoritative. Per request: `r:{<id>}`, the
-//! setl_id it settled (remembered 48 h), and `r:{<id>}:c`, the claim of the attempt in flight.
+//! whose lease ran out, and the holds themselves stay authoritative. Per request:
+//! `r:{<code length>:<institution>:<request id>}`, the setl_id it settled (remembered 48 h), and
+//! the same key with `:c`, the claim of the attempt in flight.
 
 use super::*;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};

@@ -642,7 +642,8 @@ impl Writer<'_, '_> {
         Ok(Ok(done))
     }
 
-    /// Records that the write holding `hold_id` commits; false when the sweeper fenced it first.
+    /// Records that the write holding `hold_id` commits; false when it was fenced first (by the
+    /// sweeper, or by the gateway finding out a timed-out commit).
     fn claim_hold(&self, hold_id: &str) -> Sql<bool> {
         let inserted = self
             .tx

@@ -168,7 +168,8 @@ CREATE TABLE IF NOT EXISTS imported_openings (
 );
 
 -- The fate of every hold-taking write, decided once: committed by the write itself, or fenced by
--- the sweeper after the hold's lease ran out. The primary key makes the two exclusive, across
+-- the sweeper after the hold's lease ran out (or by the gateway, once a commit's outcome was
+-- unknown). The primary key makes the two exclusive, across
 -- gateways and whatever their clocks say.
 CREATE TABLE IF NOT EXISTS hold_fates (
     hold_id   TEXT PRIMARY KEY,
@@ -333,7 +334,8 @@ BEGIN
     IF w->>'hold_deadline_ms' IS NOT NULL AND p_now_ms > (w->>'hold_deadline_ms')::BIGINT THEN
         RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
     END IF;
-    -- Claim the hold's fate; a sweeper that fenced it first wins (its hold is already released).
+    -- Claim the hold's fate; a fence that came first wins (the sweeper's, or the gateway's after a
+    -- commit timed out).
     INSERT INTO hold_fates (hold_id, committed) VALUES (w->>'setl_id', TRUE) ON CONFLICT (hold_id) DO NOTHING;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('decline', 'HOLD_EXPIRED');
@@ -639,7 +641,7 @@ END $$;
 -- a dozen per settlement. Plain means: every write settles, none carries a no-PIN daily ceiling
 -- (that needs the payer's row lock and today's sum), no hold deadline has passed, and no refund
 -- holds one of the request ids. Anything else returns NULL and the batch goes write by write. A
--- refusal inside (an account not open or short, a request id already settled, a hold the sweeper
+-- refusal inside (an account not open or short, a request id already settled, a hold that was
 -- fenced) raises, so the caller's subtransaction rolls the whole attempt back and replays the
 -- batch write by write, where each write gets its own outcome. The postings, balances, sequence
 -- numbers and records written are exactly those yibao_settle writes one by one, in batch order.
@@ -755,7 +757,7 @@ BEGIN
       INTO v_complete, v_results
       FROM receipt r LEFT JOIN change c ON c.ord = r.ord;
     IF NOT v_complete THEN
-        -- An account refused (not open, or short), or the sweeper fenced a hold: go write by write.
+        -- An account refused (not open, or short), or a hold was fenced: go write by write.
         RAISE EXCEPTION USING ERRCODE = 'YB011', MESSAGE = 'replay the batch write by write';
     END IF;
     RETURN v_results;
