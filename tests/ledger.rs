@@ -418,6 +418,14 @@ async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
     assert_eq!(claim("H001", "r1", "B", 60_000).await, Claim::Claimed, "an ended claim can be taken");
     cache.end_claim("H001", "r1", "B", Some("S-1")).await.unwrap();
     assert_eq!(claim("H001", "r1", "C", 60_000).await, Claim::Answered("S-1".into()));
+    // A remembered answer is forgotten only by its own setl_id; then the request can be claimed.
+    cache.forget_answer("H001", "r1", "S-0").await.unwrap();
+    assert_eq!(claim("H001", "r1", "C", 60_000).await, Claim::Answered("S-1".into()), "another answer stays");
+    cache.forget_answer("H001", "r1", "S-1").await.unwrap();
+    assert_eq!(claim("H001", "r1", "C", 60_000).await, Claim::Claimed);
+    assert_eq!(claim("H001", "r1", "D", 60_000).await, Claim::Busy);
+    cache.end_claim("H001", "r1", "C", Some("S-1b")).await.unwrap();
+    assert_eq!(claim("H001", "r1", "D", 60_000).await, Claim::Answered("S-1b".into()));
 
     // An owner that vanished: its claim runs out, and its late end leaves the new holder's alone.
     assert_eq!(claim("H001", "r3", "A", 1).await, Claim::Claimed);

@@ -10,6 +10,7 @@ on_both_backends!(
     fifty_concurrent_full_only_payments_against_one_account,
     replay_returns_the_first_answer_and_a_changed_request_is_refused,
     a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway,
+    a_remembered_answer_the_ledger_does_not_know_is_forgotten_and_the_request_claimed,
     a_commit_that_timed_out_is_found_out_before_its_retry_goes_on,
     pin_rules_and_the_durable_lockout,
     pin_management_weak_change_and_operator_reset,
@@ -206,6 +207,9 @@ impl BalanceCache for PausingCache {
     async fn end_claim(&self, code: &str, request_id: &str, owner: &str, setl_id: Option<&str>) -> CacheResult<()> {
         self.inner.end_claim(code, request_id, owner, setl_id).await
     }
+    async fn forget_answer(&self, code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
+        self.inner.forget_answer(code, request_id, setl_id).await
+    }
     async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>> {
         self.inner.expired_holds(now_ms, limit).await
     }
@@ -216,6 +220,18 @@ impl BalanceCache for PausingCache {
 /// went ahead would hold nothing, reach the ledger first and settle it all as cash. In
 /// production the duplicate goes to a second gateway on the same PostgreSQL and Redis.
 async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(backend: Backend) {
+    a_duplicate_waits(backend, None).await;
+}
+
+/// The same when the cache remembers an answer for the request that the ledger does not know (a
+/// ledger restored or reset under a shared Redis): the first attempt forgets it and claims the
+/// request, so the duplicate still waits (going on unclaimed, both would reserve). Afterwards
+/// the cache remembers the settlement the ledger holds.
+async fn a_remembered_answer_the_ledger_does_not_know_is_forgotten_and_the_request_claimed(backend: Backend) {
+    a_duplicate_waits(backend, Some("S20260101080000000000000000dead")).await;
+}
+
+async fn a_duplicate_waits(backend: Backend, stale_answer: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dir, backend).await;
     let cues = Arc::new(Cues::default());
@@ -231,6 +247,11 @@ async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(bac
     let second_gateway = other.as_ref().unwrap_or(&gw);
     let key = gw.hospital().await;
     gw.employee("P1", "7.00").await;
+    let cache = gw.app.gateway.cache.clone();
+    if let Some(stale) = stale_answer {
+        cache.end_claim("H001", "dup", "an attempt before the ledger was reset", Some(stale)).await.unwrap();
+        assert!(matches!(cache.claim_request("H001", "dup", "probe", 1).await, Ok(Claim::Answered(s)) if s == stale));
+    }
 
     cues.armed.store(true, Ordering::SeqCst);
     let mut first = {
@@ -267,6 +288,14 @@ async fn a_duplicate_waits_for_the_attempt_in_flight_even_on_another_gateway(bac
     );
     assert_eq!(second, first, "the duplicate answers what the first settled");
     assert_eq!(gw.balance_of("P1").await, "0.00");
+    // (The claim ends, with the answer, just after the answer went out.)
+    let remembered = loop {
+        match cache.claim_request("H001", "dup", "probe after", 1).await.unwrap() {
+            Claim::Answered(remembered) => break remembered,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    };
+    assert_eq!(remembered, first.setl_id, "the cache remembers the settlement the ledger holds");
     gw.assert_quiet_cache_equals_ledger(&["P1".to_string()]).await;
     gw.assert_books_balance().await;
 }

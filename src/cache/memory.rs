@@ -181,6 +181,15 @@ impl BalanceCache for MemoryCache {
         Ok(())
     }
 
+    async fn forget_answer(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
+        let key = (institution_code.to_string(), request_id.to_string());
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if requests.answers.get(&key).is_some_and(|remembered| remembered == setl_id) {
+            requests.answers.remove(&key);
+        }
+        Ok(())
+    }
+
     async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>> {
         let mut expired = Vec::new();
         for shard in &self.shards {

@@ -118,6 +118,10 @@ pub trait BalanceCache: Send + Sync + 'static {
         owner: &str,
         setl_id: Option<&str>,
     ) -> CacheResult<()>;
+    /// Forgets the remembered answer `setl_id` of a request, if it is still the one remembered
+    /// (the ledger does not know that settlement: a ledger reset under a shared cache), so that
+    /// the request can be claimed again.
+    async fn forget_answer(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()>;
     /// Holds whose lease ended before `now_ms` (Unix milliseconds), at most `limit`.
     async fn expired_holds(&self, now_ms: u64, limit: usize) -> CacheResult<Vec<ExpiredHold>>;
 }

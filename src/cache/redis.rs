@@ -65,6 +65,7 @@ struct Scripts {
     apply: Script,
     claim: Script,
     end_claim: Script,
+    forget_answer: Script,
 }
 
 pub struct RedisCache {
@@ -128,6 +129,7 @@ impl RedisCache {
                 apply: Script::new(include_str!("scripts/apply.lua")),
                 claim: Script::new(include_str!("scripts/claim.lua")),
                 end_claim: Script::new(include_str!("scripts/end_claim.lua")),
+                forget_answer: Script::new(include_str!("scripts/forget_answer.lua")),
             },
         })
     }
@@ -315,6 +317,14 @@ impl BalanceCache for RedisCache {
         let key = self.request_key(institution_code, request_id);
         let mut invocation = self.scripts.end_claim.key(&key);
         invocation.key(format!("{key}:c")).arg(owner).arg(setl_id.unwrap_or("")).arg(REQUEST_TTL_SECONDS);
+        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn forget_answer(&self, institution_code: &str, request_id: &str, setl_id: &str) -> CacheResult<()> {
+        let mut conn = self.connection.clone();
+        let mut invocation = self.scripts.forget_answer.key(self.request_key(institution_code, request_id));
+        invocation.arg(setl_id);
         let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
         Ok(())
     }

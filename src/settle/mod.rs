@@ -103,6 +103,10 @@ pub fn replay(existing: SettlementRecord, fingerprint: &str) -> Outcome<Answer> 
     Ok(Answer { record: existing, pin_required })
 }
 
+/// How many remembered answers unknown to the ledger one request forgets before it goes on
+/// unclaimed.
+const STALE_ANSWERS_MAX: u32 = 3;
+
 async fn run(
     gateway: &Arc<Gateway>,
     institution: &InstitutionRecord,
@@ -119,20 +123,31 @@ async fn run(
     let (claim, context) =
         tokio::join!(gateway.claim_request(&institution.code, &command.request_id), payer_context(gateway, &command));
     let mut context = Some(context);
-    let mut claim = match claim? {
-        RequestClaim::Attempt(claim) => {
-            if claim.waited() {
-                context = None; // read before another attempt finished: read it again
+    let (mut claim, mut stale_answers) = (claim?, 0);
+    let mut claim = loop {
+        match claim {
+            RequestClaim::Attempt(claim) => {
+                if claim.waited() {
+                    context = None; // read before another attempt finished: read it again
+                }
+                break Some(claim);
             }
-            Some(claim)
-        }
-        // The fast path: a replay the cache remembers is answered from the ledger's record.
-        RequestClaim::Answered(setl_id, unclaimed) => {
-            match gateway.ledger.settlement(SettlementKey::SetlId(setl_id)).await? {
-                Some(existing) => return replay(existing, &fingerprint),
-                // Remembered, but unknown to the ledger (a ledger reset under a shared cache):
-                // attempt unclaimed, and remember what the ledger says this time.
-                None => Some(unclaimed),
+            // The fast path: a replay the cache remembers is answered from the ledger's record.
+            RequestClaim::Answered(setl_id, unclaimed) => {
+                match gateway.ledger.settlement(SettlementKey::SetlId(setl_id.clone())).await? {
+                    Some(existing) => return replay(existing, &fingerprint),
+                    // Remembered, but unknown to the ledger (a ledger reset under a shared cache):
+                    // forget that answer and claim the request again, so that duplicates still
+                    // wait for one attempt. (An answer that comes back stale again and again:
+                    // attempt unclaimed; the ledger's unique key still settles it once.)
+                    None if stale_answers < STALE_ANSWERS_MAX => {
+                        tracing::warn!(%setl_id, "the cache remembered a settlement the ledger does not know");
+                        stale_answers += 1;
+                        gateway.cache.forget_answer(&institution.code, &command.request_id, &setl_id).await?;
+                        claim = gateway.claim_request(&institution.code, &command.request_id).await?;
+                    }
+                    None => break Some(unclaimed),
+                }
             }
         }
     };
