@@ -459,3 +459,48 @@ async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
     ended.end(Some("S-4")).await;
     assert!(matches!(gateway.claim_request("H001", "r4").await, Ok(RequestClaim::Answered(id, _)) if id == "S-4"));
 }
+
+/// PostgreSQL only (SQLite runs one writer at a time, so its fence never overlaps a write): a
+/// fence that has to wait for a write of the same hold still in flight, past its `hold_fates`
+/// row, reads the fate that write left once it commits. (The fencing statement's own snapshot
+/// predates that row; answering "not committed" from it would let the sweeper release a hold the
+/// ledger had debited.) The write in flight is an outside transaction that wrote the row and has
+/// not committed; the fence is seen waiting on its lock before that transaction commits.
+#[test]
+fn a_fence_that_waited_for_the_write_in_flight_reads_that_it_committed() {
+    run(async {
+        let gw = TestGateway::start_with(Backend::Production).await;
+        let url = gw.config.ledger_url.clone().expect("production has a ledger URL");
+        let (writer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        writer.batch_execute("BEGIN").await.unwrap();
+        writer
+            .execute("INSERT INTO hold_fates (hold_id, committed) VALUES ($1, TRUE)", &[&"S-in-flight"])
+            .await
+            .unwrap();
+
+        let ledger = gw.app.gateway.ledger.clone();
+        let fence = tokio::spawn(async move { ledger.resolve_hold("S-in-flight").await });
+        let (watcher, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%hold_fates%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(!fence.is_finished(), "the fence ended without waiting for the write: {:?}", fence.await);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        writer.batch_execute("COMMIT").await.unwrap();
+        assert!(fence.await.unwrap().unwrap(), "the write committed: the fence must say so");
+        assert!(gw.app.gateway.ledger.resolve_hold("S-in-flight").await.unwrap(), "and keeps saying so");
+    });
+}
