@@ -446,6 +446,9 @@ const USABLE_SOURCES: &str =
 
 /// The payer, their PIN state, today's no-PIN spending and their usable family sources (as
 /// parallel arrays, in deduction order), in one row. Columns 0..=13 are those of PERSON_SELECT.
+/// The family sources are read by `yibao_family_sources` (schema/postgres.sql) only for a payer
+/// with a live link; `OFFSET 0` keeps the subquery whole, so the function runs once, not once per
+/// column taken from its result.
 const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
         p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
         a.balance, a.seq, k.phc, k.failed_count,
@@ -453,21 +456,13 @@ const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.
           (SELECT COALESCE(SUM(s.acct_pay + s.mulaid), 0) FROM settlements s
             WHERE s.psn_no = p.psn_no AND s.business_date = $2 AND s.auth_method = 'NO_PIN_LIMIT'
               AND s.status <> 'REVERSED') END AS no_pin_used,
-        f.owners, f.relations, f.effective, f.accounts, f.statuses, f.balances, f.seqs
+        (ff.f).owners, (ff.f).relations, (ff.f).effective, (ff.f).accounts, (ff.f).statuses, (ff.f).balances,
+        (ff.f).seqs
      FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no
      LEFT JOIN LATERAL (
-        SELECT array_agg(l.owner_psn_no ORDER BY o.position, l.link_id) AS owners,
-               array_agg(l.relation ORDER BY o.position, l.link_id) AS relations,
-               array_agg(l.effective_from ORDER BY o.position, l.link_id) AS effective,
-               array_agg(fa.account_id ORDER BY o.position, l.link_id) AS accounts,
-               array_agg(fa.status ORDER BY o.position, l.link_id) AS statuses,
-               array_agg(fa.balance ORDER BY o.position, l.link_id) AS balances,
-               array_agg(fa.seq ORDER BY o.position, l.link_id) AS seqs
-          FROM family_links l
-          JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
-          JOIN accounts fa ON fa.psn_no = l.owner_psn_no
-          JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
-         WHERE l.member_psn_no = p.psn_no AND l.revoked_at IS NULL) f ON TRUE
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM family_links l WHERE l.member_psn_no = p.psn_no AND l.revoked_at IS NULL)
+                    THEN yibao_family_sources(p.psn_no) END AS f
+        OFFSET 0) ff ON TRUE
      WHERE p.psn_no = $1";
 
 fn family_link(row: &Row, revoked: bool) -> LedgerResult<FamilyLinkRecord> {

@@ -227,6 +227,41 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at       TIMESTAMPTZ NOT NULL
 );
 
+-- ---- reads -----------------------------------------------------------------------------------
+
+-- A payer's usable family accounts, in the payer's order (the payer's context, PAYER_CONTEXT in
+-- postgres.rs). A function of its own, called only for a payer with a live link: inline, its
+-- joins were opened, locked and set up at every payment, which cost a fifth of the context read's
+-- CPU for the many payers without family.
+DO $$ BEGIN
+    CREATE TYPE yibao_family_sources AS (
+        owners TEXT[], relations TEXT[], effective DATE[], accounts BIGINT[], statuses TEXT[], balances NUMERIC[],
+        seqs BIGINT[]
+    );
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION yibao_family_sources(p_member TEXT) RETURNS yibao_family_sources
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v yibao_family_sources;
+BEGIN
+    SELECT array_agg(l.owner_psn_no ORDER BY o.position, l.link_id),
+           array_agg(l.relation ORDER BY o.position, l.link_id),
+           array_agg(l.effective_from ORDER BY o.position, l.link_id),
+           array_agg(fa.account_id ORDER BY o.position, l.link_id),
+           array_agg(fa.status ORDER BY o.position, l.link_id),
+           array_agg(fa.balance ORDER BY o.position, l.link_id),
+           array_agg(fa.seq ORDER BY o.position, l.link_id)
+      INTO v
+      FROM family_links l
+      JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
+      JOIN accounts fa ON fa.psn_no = l.owner_psn_no
+      JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
+     WHERE l.member_psn_no = p_member AND l.revoked_at IS NULL;
+    RETURN v;
+END $$;
+
 -- ---- write procedures ------------------------------------------------------------------------
 
 -- Microseconds since the epoch, for the JSON answers.
