@@ -447,15 +447,13 @@ const USABLE_SOURCES: &str =
 /// The payer, their PIN state, today's no-PIN spending and their usable family sources (as
 /// parallel arrays, in deduction order), in one row. Columns 0..=13 are those of PERSON_SELECT.
 /// The family sources are read by `yibao_family_sources` (schema/postgres.sql) only for a payer
-/// with a live link; `OFFSET 0` keeps the subquery whole, so the function runs once, not once per
-/// column taken from its result.
+/// with a live link, and today's no-PIN total by `yibao_no_pin_used` only when asked for, so an
+/// e-voucher payment by a payer without family touches three tables; `OFFSET 0` keeps the
+/// subquery whole, so the function runs once, not once per column taken from its result.
 const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
         p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
         a.balance, a.seq, k.phc, k.failed_count,
-        CASE WHEN $2::date IS NOT NULL THEN
-          (SELECT COALESCE(SUM(s.acct_pay + s.mulaid), 0) FROM settlements s
-            WHERE s.psn_no = p.psn_no AND s.business_date = $2 AND s.auth_method = 'NO_PIN_LIMIT'
-              AND s.status <> 'REVERSED') END AS no_pin_used,
+        CASE WHEN $2::date IS NOT NULL THEN yibao_no_pin_used(p.psn_no, $2) END AS no_pin_used,
         (ff.f).owners, (ff.f).relations, (ff.f).effective, (ff.f).accounts, (ff.f).statuses, (ff.f).balances,
         (ff.f).seqs
      FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no

@@ -232,7 +232,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
 -- A payer's usable family accounts, in the payer's order (the payer's context, PAYER_CONTEXT in
 -- postgres.rs). A function of its own, called only for a payer with a live link: inline, its
 -- joins were opened, locked and set up at every payment, which cost a fifth of the context read's
--- CPU for the many payers without family.
+-- CPU for the many payers without family (a generic plan locks and initialises every relation
+-- and index it names at each execution, whether the rows are needed or not).
 DO $$ BEGIN
     CREATE TYPE yibao_family_sources AS (
         owners TEXT[], relations TEXT[], effective DATE[], accounts BIGINT[], statuses TEXT[], balances NUMERIC[],
@@ -260,6 +261,16 @@ BEGIN
       JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
      WHERE l.member_psn_no = p_member AND l.revoked_at IS NULL;
     RETURN v;
+END $$;
+
+-- What the payer paid today without a PIN under a tier (the daily ceiling's running total), for
+-- the payer's context; a function for the same reason: e-voucher payments need no such sum, and
+-- inline its scan of settlements was set up for them too.
+CREATE OR REPLACE FUNCTION yibao_no_pin_used(p_psn_no TEXT, p_day DATE) RETURNS NUMERIC LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT COALESCE(SUM(s.acct_pay + s.mulaid), 0) FROM settlements s
+             WHERE s.psn_no = p_psn_no AND s.business_date = p_day AND s.auth_method = 'NO_PIN_LIMIT'
+               AND s.status <> 'REVERSED');
 END $$;
 
 -- ---- write procedures ------------------------------------------------------------------------
