@@ -289,11 +289,19 @@ async fn a_duplicate_waits(backend: Backend, stale_answer: Option<&str>) {
     assert_eq!(second, first, "the duplicate answers what the first settled");
     assert_eq!(gw.balance_of("P1").await, "0.00");
     // (The claim ends, with the answer, just after the answer went out.)
-    let remembered = loop {
+    let mut last = None;
+    for _ in 0..1_000 {
         match cache.claim_request("H001", "dup", "probe after", 1).await.unwrap() {
-            Claim::Answered(remembered) => break remembered,
-            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Claim::Answered(remembered) => {
+                last = Some(Claim::Answered(remembered));
+                break;
+            }
+            other => last = Some(other),
         }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let Some(Claim::Answered(remembered)) = last else {
+        panic!("the cache never remembered the settlement: last {last:?}");
     };
     assert_eq!(remembered, first.setl_id, "the cache remembers the settlement the ledger holds");
     gw.assert_quiet_cache_equals_ledger(&["P1".to_string()]).await;

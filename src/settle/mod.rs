@@ -127,7 +127,7 @@ async fn run(
     let mut claim = loop {
         match claim {
             RequestClaim::Attempt(claim) => {
-                if claim.waited() {
+                if claim.waited() || stale_answers > 0 {
                     context = None; // read before another attempt finished: read it again
                 }
                 break Some(claim);
@@ -141,7 +141,12 @@ async fn run(
                     // wait for one attempt. (An answer that comes back stale again and again:
                     // attempt unclaimed; the ledger's unique key still settles it once.)
                     None if stale_answers < STALE_ANSWERS_MAX => {
-                        tracing::warn!(%setl_id, "the cache remembered a settlement the ledger does not know");
+                        tracing::warn!(
+                            institution = %institution.code,
+                            request_id = %command.request_id,
+                            %setl_id,
+                            "the cache remembered a settlement the ledger does not know"
+                        );
                         stale_answers += 1;
                         gateway.cache.forget_answer(&institution.code, &command.request_id, &setl_id).await?;
                         claim = gateway.claim_request(&institution.code, &command.request_id).await?;

@@ -233,7 +233,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
 -- postgres.rs). A function of its own, called only for a payer with a live link: inline, its
 -- joins were opened, locked and set up at every payment, which cost a fifth of the context read's
 -- CPU for the many payers without family (a generic plan locks and initialises every relation
--- and index it names at each execution, whether the rows are needed or not).
+-- and index it names at each execution, whether the rows are needed or not). The type is created
+-- once and never altered here: a change to it needs a new name (or an explicit migration), since
+-- CREATE OR REPLACE FUNCTION cannot change a return type.
 DO $$ BEGIN
     CREATE TYPE yibao_family_sources AS (
         owners TEXT[], relations TEXT[], effective DATE[], accounts BIGINT[], statuses TEXT[], balances NUMERIC[],
