@@ -449,8 +449,8 @@ const USABLE_SOURCES: &str =
 /// The family sources are read by `yibao_family_sources` (schema/postgres.sql) only for a payer
 /// with a live link, and today's no-PIN total by `yibao_no_pin_used` only when asked for, so an
 /// e-voucher payment by a payer without family reads persons, accounts, pins and one index of
-/// family_links; `OFFSET 0` keeps the
-/// subquery whole, so the function runs once, not once per column taken from its result.
+/// family_links. `OFFSET 0` keeps the subquery whole, so the function runs once, not once per
+/// column taken from its result.
 const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
         p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
         a.balance, a.seq, k.phc, k.failed_count,

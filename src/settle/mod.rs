@@ -282,15 +282,15 @@ async fn attempt(
     let claim = claim.take();
     let limit_ms = claim.as_ref().and_then(ClaimGuard::hold_deadline_limit_ms);
     let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode, limit_ms);
-    let background = gateway.clone();
+    let after = gateway.clone();
     let task = gateway.background.spawn(async move {
         let (outcome, unsettled) = critical.await;
         let answer = outcome.as_ref().ok().map(|record| record.setl_id.clone());
         // Off the answer's path: an unknown commit's fate is found out (its holds settled) before
         // the claim ends, so a retry neither reserves beside holds that may still commit nor
         // misses the answer.
-        background.background.spawn({
-            let gateway = background.clone();
+        after.background.spawn({
+            let gateway = after.clone();
             async move {
                 let answer = match unsettled {
                     None => answer,
