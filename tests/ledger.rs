@@ -12,6 +12,7 @@ on_both_backends!(
     the_lease_index_lists_exactly_the_holds_that_exist,
     a_request_is_claimed_by_one_attempt_at_a_time,
     a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_paid_twice,
+    payer_contexts_asked_at_once_each_answer_their_own_payer,
 );
 
 use common::*;
@@ -458,6 +459,58 @@ async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
     let Ok(RequestClaim::Attempt(ended)) = again else { panic!("claimed again") };
     ended.end(Some("S-4")).await;
     assert!(matches!(gateway.claim_request("H001", "r4").await, Ok(RequestClaim::Answered(id, _)) if id == "S-4"));
+}
+
+/// Payer contexts asked at once are read together (PostgreSQL: one statement for all that queued
+/// while a batch was out; SQLite: a lane's trip): each caller gets its own payer's context, with
+/// the no-PIN total only if it asked for a day, and an unknown payer gets none.
+async fn payer_contexts_asked_at_once_each_answer_their_own_payer(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    for i in 0..10 {
+        gw.employee(&format!("P{i}"), &format!("{}.00", i + 1)).await;
+    }
+    // P1, P3, P5, P7 and P9 may draw on an owner's account each.
+    for i in 0..5 {
+        gw.employee(&format!("OWNER{i}"), &format!("{}.50", 100 + i)).await;
+        gw.family(&format!("OWNER{i}"), &format!("P{}", 2 * i + 1), pb::Relation::Spouse).await;
+    }
+    gw.set_pin("P3", "135790").await;
+    let ledger = gw.app.gateway.ledger.clone();
+    let today = gw.app.gateway.clock.today();
+    // Every eleventh ask is for nobody; every other ask wants today's no-PIN total.
+    let asks: Vec<(String, Option<chrono::NaiveDate>)> = (0..300)
+        .map(|n| {
+            let psn_no = if n % 11 == 10 { format!("NOBODY{n}") } else { format!("P{}", n % 11) };
+            (psn_no, (n % 2 == 0).then_some(today))
+        })
+        .collect();
+    let mut reads = tokio::task::JoinSet::new();
+    for (n, (psn_no, day)) in asks.iter().cloned().enumerate() {
+        let ledger = ledger.clone();
+        reads.spawn(async move { (n, ledger.payer_context(&psn_no, day).await.unwrap()) });
+    }
+    let mut answered = 0;
+    while let Some(read) = reads.join_next().await {
+        let (n, context) = read.unwrap();
+        let (psn_no, day) = &asks[n];
+        answered += 1;
+        let Some(context) = context else {
+            assert!(psn_no.starts_with("NOBODY"), "{psn_no} is known");
+            continue;
+        };
+        assert_eq!(&context.person.psn_no, psn_no);
+        let i: usize = psn_no[1..].parse().unwrap();
+        let own = context.person.account.as_ref().expect("an own account");
+        assert_eq!(own.balance, yuan(&format!("{}.00", i + 1)), "{psn_no}'s own balance");
+        let family: Vec<(String, Money)> =
+            context.family.iter().map(|source| (source.owner_psn_no.clone(), source.account.balance)).collect();
+        let expected =
+            if i % 2 == 1 { vec![(format!("OWNER{}", i / 2), yuan(&format!("{}.50", 100 + i / 2)))] } else { vec![] };
+        assert_eq!(family, expected, "{psn_no}'s family sources");
+        assert_eq!((context.person.pin_set, context.pin_phc.is_some()), (i == 3, i == 3), "{psn_no}'s PIN");
+        assert_eq!(context.no_pin_used_today, day.map(|_| Money::ZERO), "{psn_no}'s no-PIN total, asked: {day:?}");
+    }
+    assert_eq!(answered, asks.len());
 }
 
 /// PostgreSQL only (SQLite runs one writer at a time, so its fence never overlaps a write): a

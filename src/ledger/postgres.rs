@@ -32,13 +32,18 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct PostgresLedger {
     pool: Pool,
-    /// Connections that every payment's payer-context read shares (see `shared_client`).
-    shared: Arc<[std::sync::Mutex<Option<Arc<deadpool_postgres::Object>>>]>,
-    next_shared: Arc<std::sync::atomic::AtomicUsize>,
+    /// Payer-context reads, to the task that reads them together (see `ContextReader`).
+    contexts: tokio::sync::mpsc::UnboundedSender<ContextRead>,
 }
 
-/// Connections the payer-context reads share.
-const SHARED_READERS: usize = 2;
+/// A payer-context read waiting for its batch: the payer, the day whose no-PIN total is asked,
+/// and where the answer goes (a caller that gave up has dropped the other end).
+type ContextRead = (String, Option<NaiveDate>, tokio::sync::oneshot::Sender<LedgerResult<Option<PayerContext>>>);
+
+/// Batches of payer-context reads out at once, each on a connection of its own.
+const CONTEXT_BATCHES_OUT: usize = 2;
+/// Payer contexts read by one statement at most.
+const CONTEXT_BATCH_MAX: usize = 128;
 
 fn unavailable(error: impl std::fmt::Display) -> LedgerUnavailable {
     LedgerUnavailable(error.to_string())
@@ -75,11 +80,10 @@ impl PostgresLedger {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(unavailable)?;
-        let ledger = PostgresLedger {
-            pool,
-            shared: (0..SHARED_READERS).map(|_| std::sync::Mutex::new(None)).collect(),
-            next_shared: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-        };
+        let (contexts, reads) = tokio::sync::mpsc::unbounded_channel();
+        // The reader ends when the last clone of the ledger (and with it the sender) is dropped.
+        tokio::spawn(ContextReader::new(pool.clone()).run(reads));
+        let ledger = PostgresLedger { pool, contexts };
         ledger.migrate().await?;
         Ok(ledger)
     }
@@ -108,22 +112,6 @@ impl PostgresLedger {
 
     async fn client(&self) -> LedgerResult<deadpool_postgres::Object> {
         deadline(self.pool.get()).await
-    }
-
-    /// A connection shared by concurrent reads, which it pipelines: queries issued while others
-    /// are out go down the socket together, and the server answers them back to back instead of
-    /// sleeping and being woken for each (as it was when every payment took a pooled connection
-    /// of its own). A closed one is replaced from the pool.
-    async fn shared_client(&self) -> LedgerResult<Arc<deadpool_postgres::Object>> {
-        let slot =
-            &self.shared[self.next_shared.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.shared.len()];
-        let current = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(client) = current.filter(|client| !client.is_closed()) {
-            return Ok(client);
-        }
-        let fresh = Arc::new(self.client().await?);
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
-        Ok(fresh)
     }
 
     async fn query_opt(
@@ -444,25 +432,151 @@ const USABLE_SOURCES: &str =
      WHERE l.member_psn_no = $1 AND l.revoked_at IS NULL
      ORDER BY o.position, l.link_id";
 
-/// The payer, their PIN state, today's no-PIN spending and their usable family sources (as
-/// parallel arrays, in deduction order), in one row. Columns 0..=13 are those of PERSON_SELECT.
-/// The family sources are read by `yibao_family_sources` (schema/postgres.sql) only for a payer
-/// with a live link, and today's no-PIN total by `yibao_no_pin_used` only when asked for, so an
-/// e-voucher payment by a payer without family reads persons, accounts, pins and one index of
-/// family_links. `OFFSET 0` keeps the subquery whole, so the function runs once, not once per
-/// column taken from its result.
-const PAYER_CONTEXT: &str = "SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
-        p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
-        a.balance, a.seq, k.phc, k.failed_count,
-        CASE WHEN $2::date IS NOT NULL THEN yibao_no_pin_used(p.psn_no, $2) END AS no_pin_used,
-        (ff.f).owners, (ff.f).relations, (ff.f).effective, (ff.f).accounts, (ff.f).statuses, (ff.f).balances,
-        (ff.f).seqs
-     FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no
-     LEFT JOIN LATERAL (
-        SELECT CASE WHEN EXISTS (SELECT 1 FROM family_links l WHERE l.member_psn_no = p.psn_no AND l.revoked_at IS NULL)
-                    THEN yibao_family_sources(p.psn_no) END AS f
-        OFFSET 0) ff ON TRUE
-     WHERE p.psn_no = $1";
+/// Payer contexts, read together: for each payer of `$1` (with the day of `$2` whose no-PIN total
+/// is asked, or NULL), the payer, their PIN state, that day's no-PIN spending and their usable
+/// family sources (as parallel arrays, in deduction order), in one row; the last column is the
+/// payer's position in `$1` (from 1), and an unknown payer has no row. Columns 0..=13 are those of
+/// PERSON_SELECT. The family sources are read by `yibao_family_sources` (schema/postgres.sql) only
+/// for a payer with a live link, and the no-PIN total by `yibao_no_pin_used` only when asked for,
+/// so an e-voucher payment by a payer without family reads persons, accounts, pins and one index
+/// of family_links. The lateral subqueries keep every lookup by key whatever the batch's size, and
+/// `OFFSET 0` keeps the family subquery whole, so the function runs once, not once per column
+/// taken from its result.
+const PAYER_CONTEXTS: &str = "SELECT c.*, q.i
+     FROM unnest($1::text[], $2::date[]) WITH ORDINALITY AS q(psn_no, day, i)
+     CROSS JOIN LATERAL (
+        SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
+            p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
+            a.balance, a.seq, k.phc, k.failed_count,
+            CASE WHEN q.day IS NOT NULL THEN yibao_no_pin_used(p.psn_no, q.day) END AS no_pin_used,
+            (ff.f).owners, (ff.f).relations, (ff.f).effective, (ff.f).accounts, (ff.f).statuses, (ff.f).balances,
+            (ff.f).seqs
+         FROM persons p LEFT JOIN accounts a ON a.psn_no = p.psn_no LEFT JOIN pins k ON k.psn_no = p.psn_no
+         LEFT JOIN LATERAL (
+            SELECT CASE WHEN EXISTS (SELECT 1 FROM family_links l WHERE l.member_psn_no = p.psn_no AND l.revoked_at IS NULL)
+                        THEN yibao_family_sources(p.psn_no) END AS f
+            OFFSET 0) ff ON TRUE
+         WHERE p.psn_no = q.psn_no
+         OFFSET 0) c";
+
+/// A payer's context from a row of PAYER_CONTEXTS.
+fn payer_context_from_row(row: &Row) -> LedgerResult<PayerContext> {
+    let owners: Vec<String> = row.get::<_, Option<Vec<String>>>(17).unwrap_or_default();
+    let relations: Vec<String> = row.get::<_, Option<Vec<String>>>(18).unwrap_or_default();
+    let effective: Vec<NaiveDate> = row.get::<_, Option<Vec<NaiveDate>>>(19).unwrap_or_default();
+    let accounts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(20).unwrap_or_default();
+    let statuses: Vec<String> = row.get::<_, Option<Vec<String>>>(21).unwrap_or_default();
+    let balances: Vec<Decimal> = row.get::<_, Option<Vec<Decimal>>>(22).unwrap_or_default();
+    let seqs: Vec<i64> = row.get::<_, Option<Vec<i64>>>(23).unwrap_or_default();
+    let count = owners.len();
+    if [relations.len(), effective.len(), accounts.len(), statuses.len(), balances.len(), seqs.len()]
+        .iter()
+        .any(|&len| len != count)
+    {
+        return Err(corrupt("family sources"));
+    }
+    let family = (0..count)
+        .map(|i| {
+            Ok(FamilySource {
+                owner_psn_no: owners[i].clone(),
+                relation: parse(&relations[i], Relation::parse)?,
+                effective_from: effective[i],
+                account: AccountRecord {
+                    id: accounts[i],
+                    status: parse(&statuses[i], AccountStatus::parse)?,
+                    balance: money(balances[i])?,
+                    seq: seqs[i],
+                },
+            })
+        })
+        .collect::<LedgerResult<Vec<_>>>()?;
+    let pin_phc: Option<String> = row.get(14);
+    let pin_failures: Option<i32> = row.get(15);
+    Ok(PayerContext {
+        person: person_from_row(row)?,
+        family,
+        pin_phc,
+        pin_failures: pin_failures.unwrap_or(0) as u32,
+        no_pin_used_today: row.get::<_, Option<Decimal>>(16).map(money).transpose()?,
+    })
+}
+
+/// Reads payer contexts together, the read side of group commit: every payment asks for one, and
+/// a statement's fixed cost (the round trip, waking the server, setting up and locking a plan of
+/// four tables) is most of a single lookup's. While `CONTEXT_BATCHES_OUT` batches are out, new
+/// reads queue; the next batch takes all that queued, one statement for all of them. An idle
+/// reader sends a lone read at once, so batching adds no wait at low load.
+struct ContextReader {
+    pool: Pool,
+    /// The connections the batches go out on, one per batch out (a closed one is replaced).
+    connections: Arc<[tokio::sync::Mutex<Option<deadpool_postgres::Object>>]>,
+}
+
+impl ContextReader {
+    fn new(pool: Pool) -> ContextReader {
+        ContextReader { pool, connections: (0..CONTEXT_BATCHES_OUT).map(|_| tokio::sync::Mutex::new(None)).collect() }
+    }
+
+    async fn run(self, mut reads: tokio::sync::mpsc::UnboundedReceiver<ContextRead>) {
+        let this = Arc::new(self);
+        let out = Arc::new(tokio::sync::Semaphore::new(CONTEXT_BATCHES_OUT));
+        loop {
+            let Ok(permit) = out.clone().acquire_owned().await else { return };
+            let mut batch = Vec::new();
+            if reads.recv_many(&mut batch, CONTEXT_BATCH_MAX).await == 0 {
+                return; // every sender is gone: the ledger was dropped
+            }
+            let this = this.clone();
+            tokio::spawn(async move {
+                this.read(batch).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// One statement for the batch; each read gets its own answer, or the batch's failure.
+    async fn read(&self, batch: Vec<ContextRead>) {
+        let mut answers: Vec<LedgerResult<Option<PayerContext>>> = (0..batch.len()).map(|_| Ok(None)).collect();
+        match self.query(&batch).await {
+            Ok(rows) => {
+                for row in rows {
+                    let position: i64 = row.get(24);
+                    match usize::try_from(position - 1).ok().and_then(|i| answers.get_mut(i)) {
+                        Some(answer) => *answer = payer_context_from_row(&row).map(Some),
+                        None => answers.iter_mut().for_each(|answer| *answer = Err(corrupt("payer context position"))),
+                    }
+                }
+            }
+            Err(error) => answers.iter_mut().for_each(|answer| *answer = Err(error.clone())),
+        }
+        for ((_, _, reply), answer) in batch.into_iter().zip(answers) {
+            let _ = reply.send(answer); // a caller that gave up no longer listens
+        }
+    }
+
+    async fn query(&self, batch: &[ContextRead]) -> LedgerResult<Vec<Row>> {
+        let payers: Vec<&str> = batch.iter().map(|(psn_no, _, _)| psn_no.as_str()).collect();
+        let days: Vec<Option<NaiveDate>> = batch.iter().map(|(_, day, _)| *day).collect();
+        // A connection no other batch is using (there are as many as batches out).
+        let mut slot = None;
+        for connection in self.connections.iter() {
+            if let Ok(guard) = connection.try_lock() {
+                slot = Some(guard);
+                break;
+            }
+        }
+        let mut slot = match slot {
+            Some(slot) => slot,
+            None => self.connections[0].lock().await,
+        };
+        if slot.as_ref().is_none_or(|client| client.is_closed()) {
+            *slot = Some(deadline(self.pool.get()).await?);
+        }
+        let client = slot.as_ref().expect("just filled");
+        let statement = deadline(client.prepare_cached(PAYER_CONTEXTS)).await?;
+        deadline(client.query(&statement, &[&payers, &days])).await
+    }
+}
 
 fn family_link(row: &Row, revoked: bool) -> LedgerResult<FamilyLinkRecord> {
     Ok(FamilyLinkRecord {
@@ -502,51 +616,11 @@ impl Ledger for PostgresLedger {
     }
 
     async fn payer_context(&self, psn_no: &str, no_pin_day: Option<NaiveDate>) -> LedgerResult<Option<PayerContext>> {
-        // One statement, one round trip, one plan, on a shared connection: every payment asks this.
-        let client = self.shared_client().await?;
-        let statement = deadline(client.prepare_cached(PAYER_CONTEXT)).await?;
-        let row = deadline(client.query_opt(&statement, &[&psn_no, &no_pin_day])).await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let owners: Vec<String> = row.get::<_, Option<Vec<String>>>(17).unwrap_or_default();
-        let relations: Vec<String> = row.get::<_, Option<Vec<String>>>(18).unwrap_or_default();
-        let effective: Vec<NaiveDate> = row.get::<_, Option<Vec<NaiveDate>>>(19).unwrap_or_default();
-        let accounts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(20).unwrap_or_default();
-        let statuses: Vec<String> = row.get::<_, Option<Vec<String>>>(21).unwrap_or_default();
-        let balances: Vec<Decimal> = row.get::<_, Option<Vec<Decimal>>>(22).unwrap_or_default();
-        let seqs: Vec<i64> = row.get::<_, Option<Vec<i64>>>(23).unwrap_or_default();
-        let count = owners.len();
-        if [relations.len(), effective.len(), accounts.len(), statuses.len(), balances.len(), seqs.len()]
-            .iter()
-            .any(|&len| len != count)
-        {
-            return Err(corrupt("family sources"));
-        }
-        let family = (0..count)
-            .map(|i| {
-                Ok(FamilySource {
-                    owner_psn_no: owners[i].clone(),
-                    relation: parse(&relations[i], Relation::parse)?,
-                    effective_from: effective[i],
-                    account: AccountRecord {
-                        id: accounts[i],
-                        status: parse(&statuses[i], AccountStatus::parse)?,
-                        balance: money(balances[i])?,
-                        seq: seqs[i],
-                    },
-                })
-            })
-            .collect::<LedgerResult<Vec<_>>>()?;
-        let pin_phc: Option<String> = row.get(14);
-        let pin_failures: Option<i32> = row.get(15);
-        Ok(Some(PayerContext {
-            person: person_from_row(&row)?,
-            family,
-            pin_phc,
-            pin_failures: pin_failures.unwrap_or(0) as u32,
-            no_pin_used_today: row.get::<_, Option<Decimal>>(16).map(money).transpose()?,
-        }))
+        // Every payment asks this: read together with the others asked meanwhile (ContextReader).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopped = || LedgerUnavailable("the payer-context reader stopped".into());
+        self.contexts.send((psn_no.to_string(), no_pin_day, reply)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>> {
