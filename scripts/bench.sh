@@ -6,6 +6,7 @@
 #   scripts/bench.sh                 # everything (about an hour with 10M accounts for scenario f)
 #   SECONDS_PER_RUN=10 ACCOUNTS=20000 BACKENDS=postgres-redis scripts/bench.sh
 #   SCENARIOS="f" LARGE_ACCOUNTS=1000000 scripts/bench.sh
+#   COMPARE="old/yibao target/release/yibao" RATE=2000 SKIP_BASELINES=1 scripts/bench.sh
 #
 # Scenarios (SCENARIOS, default all): a e-voucher self only, b 30% family, c card + PIN (at PIN_RATE,
 # default 90% of the argon2 baseline, or 90/s without baselines), d hot
@@ -14,6 +15,12 @@
 # g the monthly crediting run (`yibao admin credit`) over CREDIT_ACCOUNTS accounts (default 1M, plus
 # a tenth as many family payers) with a paid contribution each, in a ledger of their own, then the
 # same run again (it must credit nothing).
+#
+# COMPARE (two or more yibao binaries): instead of the scenarios, each binary in turn serves scenario
+# (a) on PostgreSQL + Redis at RATE, alternated PAIRS times (default 3), each run on a fresh database
+# of COMPARE_ACCOUNTS accounts (default 20,000) after a 5 s warm-up; the load comes from this
+# checkout's build. Compare the summary lines' machine CPU per settlement ("cpu … ms/ok"): unlike a
+# rate it hardly moves with a noisy hour's spare capacity. (How BENCHMARKS.md's A/Bs are run.)
 #
 # Needs redis-server and PostgreSQL binaries (scripts/test.sh installs them) and pgbench.
 set -euo pipefail
@@ -85,13 +92,32 @@ has() { case "$SCENARIOS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 start_gateway() {
   local name=$1; shift
   local port; port=$(free_port)
-  $Y serve --listen "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 & gw=$!
+  "${GATEWAY:-$Y}" serve --listen "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 & gw=$!
   pids+=($gw)
   server="http://127.0.0.1:$port"
   until grep -q "UNKNOWN_PERSON" <($Y balance --server "$server" --key "$YIBAO_OPERATOR_KEY" --psn-no none 2>&1); do
     sleep 0.3
   done
 }
+
+if [ -n "${COMPARE:-}" ]; then
+  read -r -a binaries <<<"$COMPARE"
+  for pair in $(seq "${PAIRS:-3}"); do
+    for i in "${!binaries[@]}"; do
+      db="compare_${pair}_$i"
+      psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE $db" postgres
+      redis-cli -p "$redis_port" flushall >/dev/null
+      GATEWAY=${binaries[$i]} start_gateway "$db" --ledger-url "postgres://postgres@127.0.0.1:$pg_port/$db" \
+        --redis-url "redis://127.0.0.1:$redis_port/0"
+      base=(--server "$server" --accounts "${COMPARE_ACCOUNTS:-20000}" --prefix BA --connections "$CONNECTIONS" --rate "$RATE")
+      $Y bench run "${base[@]}" --seconds 5 --scenario warm-up >/dev/null
+      $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --scenario "${binaries[$i]} (run $pair)" --json "$OUT/$db.json"
+      kill "$gw"; wait "$gw" 2>/dev/null || true
+      psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "DROP DATABASE $db" postgres
+    done
+  done
+  exit 0
+fi
 
 # Scenario f: the population written as CSV once, imported into this backend's ledger, then (a).
 run_large() {

@@ -109,7 +109,16 @@ fn options(load: &LoadArgs, server: String) -> LoadOptions {
         pin_share: load.pin_share,
         family_share: load.family_share,
         amount: load.amount.clone(),
-        run_id: format!("{}{}", load.scenario, chrono::Utc::now().format("%H%M%S%3f")),
+        // Request ids are `<run_id>-<n>`: from any scenario name, only what a request id may hold.
+        run_id: format!(
+            "{}{}",
+            load.scenario
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+                .take(32)
+                .collect::<String>(),
+            chrono::Utc::now().format("%H%M%S%3f")
+        ),
         in_flight_max: load.in_flight_max,
     }
 }

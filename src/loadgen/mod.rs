@@ -61,13 +61,23 @@ pub struct Report {
     pub max_ms: f64,
     pub duration_s: f64,
     pub connections: usize,
+    /// The whole machine's CPU time per answered request, in ms, while the run sent and answered
+    /// (Linux only: from /proc/stat, so it counts the server, its databases and this client, all
+    /// on the same cores). Unlike a rate, it hardly moves with a noisy machine's spare capacity.
+    pub cpu_ms_per_ok: Option<f64>,
+    /// The machine's busy share of its CPU time over the same window, in percent.
+    pub machine_busy_percent: Option<f64>,
 }
 
 impl Report {
     pub fn summary_line(&self) -> String {
         let errors: Vec<String> = self.errors.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
+        let cpu = match (self.cpu_ms_per_ok, self.machine_busy_percent) {
+            (Some(per_ok), Some(busy)) => format!(" cpu {per_ok:.3} ms/ok (machine {busy:.0}% busy)"),
+            _ => String::new(),
+        };
         format!(
-            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]",
+            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]{cpu}",
             self.scenario,
             self.offered_rate,
             self.achieved_rate,
@@ -81,6 +91,30 @@ impl Report {
             errors.join(" ")
         )
     }
+}
+
+/// CPU time of the whole machine so far, in clock ticks: (busy, all) summed over its cores, and
+/// the number of cores (/proc/stat). Busy is user + nice + system + irq + softirq; idle, I/O wait
+/// and time stolen by a hypervisor are not.
+fn machine_ticks() -> Option<(u64, u64, usize)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = stat.lines();
+    let fields: Vec<u64> =
+        lines.next()?.strip_prefix("cpu ")?.split_whitespace().map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    let all = busy + field(3) + field(4) + field(7);
+    let cores = lines.filter(|line| line.starts_with("cpu")).count();
+    Some((busy, all, cores))
+}
+
+/// CPU time the machine spent between two `machine_ticks` readings `wall` apart, in ms, and its
+/// busy share in percent. Ticks are counted in a unit /proc/stat does not name, so the busy share
+/// of all ticks is scaled by the cores' wall time.
+fn machine_cpu_ms(before: (u64, u64, usize), after: (u64, u64, usize), wall: Duration) -> Option<(f64, f64)> {
+    let busy = after.0.checked_sub(before.0)? as f64;
+    let all = after.1.checked_sub(before.1)? as f64;
+    (all > 0.0).then(|| (busy / all * after.2 as f64 * wall.as_secs_f64() * 1000.0, busy / all * 100.0))
 }
 
 struct Tally {
@@ -146,6 +180,7 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
     let in_flight = Arc::new(tokio::sync::Semaphore::new(options.in_flight_max));
     let mut mix = Mix::new(0x5EED ^ total);
     let key = population.institution_key.clone();
+    let cpu_before = machine_ticks();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..total {
@@ -187,6 +222,8 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
+    let cpu =
+        cpu_before.zip(machine_ticks()).and_then(|(before, after)| machine_cpu_ms(before, after, started.elapsed()));
     let tally = tally.lock().unwrap();
     let elapsed =
         tally.last_answer.unwrap_or_else(Instant::now).saturating_duration_since(started).as_secs_f64().max(1e-9);
@@ -205,5 +242,32 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         max_ms: tally.histogram.max() as f64 / 1000.0,
         duration_s: elapsed,
         connections: channels.len(),
+        cpu_ms_per_ok: cpu.filter(|_| tally.ok > 0).map(|(ms, _)| ms / tally.ok as f64),
+        machine_busy_percent: cpu.map(|(_, busy)| busy),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_cpu_is_the_busy_share_of_the_cores_wall_time() {
+        // Two cores for half a second: 150 of 200 ticks busy is 75% of 1,000 ms of core time.
+        let (ms, busy) = machine_cpu_ms((100, 400, 2), (250, 600, 2), Duration::from_millis(500)).unwrap();
+        assert_eq!((ms, busy), (750.0, 75.0));
+        assert_eq!(machine_cpu_ms((100, 400, 2), (100, 400, 2), Duration::from_secs(1)), None, "no ticks");
+        assert_eq!(machine_cpu_ms((100, 400, 2), (90, 500, 2), Duration::from_secs(1)), None, "counters went back");
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn machine_ticks_reads_this_machine() {
+        let (busy, all, cores) = machine_ticks().expect("/proc/stat read");
+        assert!(busy > 0 && busy <= all, "busy {busy} of {all} ticks");
+        assert_eq!(
+            Some(cores),
+            std::fs::read_to_string("/proc/cpuinfo").ok().map(|info| info.matches("processor\t:").count())
+        );
+    }
 }
