@@ -24,6 +24,13 @@
 #
 # Needs redis-server and PostgreSQL binaries (scripts/test.sh installs them) and pgbench.
 set -euo pipefail
+# COMPARE's binaries as the caller named them, before the cd below (a bare name: from PATH).
+compare=()
+for binary in ${COMPARE:-}; do
+  path=$(command -v "$binary" 2>/dev/null || true)
+  [ -x "$path" ] || { echo "COMPARE: $binary is not an executable" >&2; exit 1; }
+  compare+=("$(realpath "$path")")
+done
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin yibao
 Y=target/release/yibao
@@ -96,22 +103,25 @@ start_gateway() {
   pids+=($gw)
   server="http://127.0.0.1:$port"
   until grep -q "UNKNOWN_PERSON" <($Y balance --server "$server" --key "$YIBAO_OPERATOR_KEY" --psn-no none 2>&1); do
+    kill -0 "$gw" 2>/dev/null || { echo "the gateway $name stopped:" >&2; cat "$work/$name.log" >&2; exit 1; }
     sleep 0.3
   done
 }
 
-if [ -n "${COMPARE:-}" ]; then
-  read -r -a binaries <<<"$COMPARE"
+if [ ${#compare[@]} -gt 0 ]; then
   for pair in $(seq "${PAIRS:-3}"); do
-    for i in "${!binaries[@]}"; do
+    # Each binary first in every other pair, so that neither always follows the other.
+    order=("${!compare[@]}")
+    if [ $((pair % 2)) = 0 ]; then order=($(printf '%s\n' "${order[@]}" | sort -rn)); fi
+    for i in "${order[@]}"; do
       db="compare_${pair}_$i"
       psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE $db" postgres
       redis-cli -p "$redis_port" flushall >/dev/null
-      GATEWAY=${binaries[$i]} start_gateway "$db" --ledger-url "postgres://postgres@127.0.0.1:$pg_port/$db" \
+      GATEWAY=${compare[$i]} start_gateway "$db" --ledger-url "postgres://postgres@127.0.0.1:$pg_port/$db" \
         --redis-url "redis://127.0.0.1:$redis_port/0"
       base=(--server "$server" --accounts "${COMPARE_ACCOUNTS:-20000}" --prefix BA --connections "$CONNECTIONS" --rate "$RATE")
       $Y bench run "${base[@]}" --seconds 5 --scenario warm-up >/dev/null
-      $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --scenario "${binaries[$i]} (run $pair)" --json "$OUT/$db.json"
+      $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --scenario "${compare[$i]} (run $pair)" --json "$OUT/$db.json"
       kill "$gw"; wait "$gw" 2>/dev/null || true
       psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "DROP DATABASE $db" postgres
     done

