@@ -463,7 +463,8 @@ async fn a_request_is_claimed_by_one_attempt_at_a_time(backend: Backend) {
 
 /// Payer contexts asked at once are read together (PostgreSQL: one statement for all that queued
 /// while a batch was out; SQLite: a lane's trip): each caller gets its own payer's context, with
-/// the no-PIN total only if it asked for a day, and an unknown payer gets none.
+/// the no-PIN total of the day it asked for (none if it asked for none), and an unknown payer
+/// gets none.
 async fn payer_contexts_asked_at_once_each_answer_their_own_payer(backend: Backend) {
     let gw = TestGateway::start_with(backend).await;
     for i in 0..10 {
@@ -474,14 +475,20 @@ async fn payer_contexts_asked_at_once_each_answer_their_own_payer(backend: Backe
         gw.employee(&format!("OWNER{i}"), &format!("{}.50", 100 + i)).await;
         gw.family(&format!("OWNER{i}"), &format!("P{}", 2 * i + 1), pb::Relation::Spouse).await;
     }
+    // P3 has a PIN and a no-PIN tier, and paid 2.50 of its 4.00 without the PIN today.
     gw.set_pin("P3", "135790").await;
+    let tier = pb::SetNoPinTierRequest { psn_no: "P3".into(), pin: "135790".into(), tier: "T200".into() };
+    gw.account().set_no_pin_tier(auth(tier, OPERATOR_KEY)).await.unwrap();
+    let key = gw.hospital().await;
+    gw.settle(&key, card_request("no-pin-1", "P3", "2.50", "")).await.unwrap();
     let ledger = gw.app.gateway.ledger.clone();
     let today = gw.app.gateway.clock.today();
-    // Every eleventh ask is for nobody; every other ask wants today's no-PIN total.
+    let yesterday = today.pred_opt().unwrap();
+    // Every eleventh ask is for nobody; a third ask today's no-PIN total, a third yesterday's.
     let asks: Vec<(String, Option<chrono::NaiveDate>)> = (0..300)
         .map(|n| {
             let psn_no = if n % 11 == 10 { format!("NOBODY{n}") } else { format!("P{}", n % 11) };
-            (psn_no, (n % 2 == 0).then_some(today))
+            (psn_no, [Some(today), None, Some(yesterday)][n % 3])
         })
         .collect();
     let mut reads = tokio::task::JoinSet::new();
@@ -501,14 +508,16 @@ async fn payer_contexts_asked_at_once_each_answer_their_own_payer(backend: Backe
         assert_eq!(&context.person.psn_no, psn_no);
         let i: usize = psn_no[1..].parse().unwrap();
         let own = context.person.account.as_ref().expect("an own account");
-        assert_eq!(own.balance, yuan(&format!("{}.00", i + 1)), "{psn_no}'s own balance");
+        let balance = if i == 3 { yuan("1.50") } else { yuan(&format!("{}.00", i + 1)) };
+        assert_eq!(own.balance, balance, "{psn_no}'s own balance");
         let family: Vec<(String, Money)> =
             context.family.iter().map(|source| (source.owner_psn_no.clone(), source.account.balance)).collect();
         let expected =
             if i % 2 == 1 { vec![(format!("OWNER{}", i / 2), yuan(&format!("{}.50", 100 + i / 2)))] } else { vec![] };
         assert_eq!(family, expected, "{psn_no}'s family sources");
         assert_eq!((context.person.pin_set, context.pin_phc.is_some()), (i == 3, i == 3), "{psn_no}'s PIN");
-        assert_eq!(context.no_pin_used_today, day.map(|_| Money::ZERO), "{psn_no}'s no-PIN total, asked: {day:?}");
+        let used = day.map(|day| if i == 3 && day == today { yuan("2.50") } else { Money::ZERO });
+        assert_eq!(context.no_pin_used_today, used, "{psn_no}'s no-PIN total, asked: {day:?}");
     }
     assert_eq!(answered, asks.len());
 }
