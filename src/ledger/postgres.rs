@@ -423,14 +423,13 @@ fn family_source(row: &Row) -> LedgerResult<FamilySource> {
     })
 }
 
-const USABLE_SOURCES: &str =
-    "SELECT l.owner_psn_no, l.relation, l.effective_from, a.account_id, a.status, a.balance, a.seq
-     FROM family_links l
-     JOIN family_order o ON o.member_psn_no = l.member_psn_no AND o.owner_psn_no = l.owner_psn_no
-     JOIN accounts a ON a.psn_no = l.owner_psn_no
-     JOIN persons op ON op.psn_no = l.owner_psn_no AND op.status NOT IN ('REMOVED', 'TERMINATED')
-     WHERE l.member_psn_no = $1 AND l.revoked_at IS NULL
-     ORDER BY o.position, l.link_id";
+/// A member's usable family sources, one row each in deduction order: the rule lives once, in
+/// `yibao_family_sources` (schema/postgres.sql), which every payment's context reads too.
+const USABLE_SOURCES: &str = "SELECT u.owner, u.relation, u.effective, u.account, u.status, u.balance, u.seq
+     FROM (SELECT yibao_family_sources($1) AS f OFFSET 0) s,
+          unnest((s.f).owners, (s.f).relations, (s.f).effective, (s.f).accounts, (s.f).statuses, (s.f).balances,
+                 (s.f).seqs) WITH ORDINALITY AS u(owner, relation, effective, account, status, balance, seq, position)
+     ORDER BY u.position";
 
 /// Payer contexts, read together: for each payer of `$1` (with the day of `$2` whose no-PIN total
 /// is asked, or NULL), the payer, their PIN state, that day's no-PIN spending and their usable
