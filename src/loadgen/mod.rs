@@ -67,6 +67,10 @@ pub struct Report {
     pub cpu_ms_per_ok: Option<f64>,
     /// The machine's busy share of its CPU time over the same window, in percent.
     pub machine_busy_percent: Option<f64>,
+    /// How late the generator sent against its schedule (p99 and max, ms). Part of every latency
+    /// above; large only when the machine starves the generator itself.
+    pub sent_late_p99_ms: f64,
+    pub sent_late_max_ms: f64,
 }
 
 impl Report {
@@ -77,7 +81,7 @@ impl Report {
             _ => String::new(),
         };
         format!(
-            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]{cpu}",
+            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]{cpu} sent late p99 {:.2} ms max {:.2} ms",
             self.scenario,
             self.offered_rate,
             self.achieved_rate,
@@ -88,7 +92,9 @@ impl Report {
             self.p99_ms,
             self.p999_ms,
             self.max_ms,
-            errors.join(" ")
+            errors.join(" "),
+            self.sent_late_p99_ms,
+            self.sent_late_max_ms
         )
     }
 }
@@ -183,44 +189,56 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
     let cpu_before = machine_ticks();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for n in 0..total {
-        let scheduled = started + interval.mul_f64(n as f64);
-        let now = Instant::now();
-        if scheduled > now {
-            tokio::time::sleep_until(scheduled.into()).await;
-        }
-        let request = population.request(options, &mut mix, n);
-        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            *tally.lock().unwrap().errors.entry("CLIENT_OVERLOAD".into()).or_default() += 1;
-            continue;
-        };
-        let mut client = pb::settlement_service_client::SettlementServiceClient::new(
-            channels[(n as usize) % channels.len()].clone(),
-        );
-        let (tally, key) = (tally.clone(), key.clone());
-        tasks.spawn(async move {
-            let mut request = tonic::Request::new(request);
-            if let Ok(value) = format!("Bearer {key}").parse() {
-                request.metadata_mut().insert("authorization", value);
+    // How late each request left against its schedule: the generator's own lag, part of every
+    // latency (each is measured from the schedule), reported apart so that it can be seen.
+    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    // The schedule is kept by a thread that sleeps to each send time (the kernel's timer,
+    // microseconds late at most when the machine has a core to spare): tokio's timer counts whole
+    // milliseconds and rounds up, which sent every request 0-2 ms late, in bursts once a
+    // millisecond, and charged that lag to the server. The thread is a worker of the runtime
+    // handed over to the pacing for the run (so `run` needs the multi-thread runtime); the
+    // requests still run on the runtime.
+    tokio::task::block_in_place(|| {
+        for n in 0..total {
+            let scheduled = started + interval.mul_f64(n as f64);
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
             }
-            request.set_timeout(Duration::from_secs(30));
-            let result = client.settle(request).await;
-            let answered = Instant::now();
-            let latency_us = answered.saturating_duration_since(scheduled).as_micros().max(1) as u64;
-            drop(permit);
-            let mut tally = tally.lock().unwrap();
-            tally.last_answer = Some(tally.last_answer.map_or(answered, |last| last.max(answered)));
-            match result {
-                Ok(_) => {
-                    tally.ok += 1;
-                    let _ = tally.histogram.record(latency_us.min(60_000_000));
+            let _ = late.record(Instant::now().saturating_duration_since(scheduled).as_micros().max(1) as u64);
+            let request = population.request(options, &mut mix, n);
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                *tally.lock().unwrap().errors.entry("CLIENT_OVERLOAD".into()).or_default() += 1;
+                continue;
+            };
+            let mut client = pb::settlement_service_client::SettlementServiceClient::new(
+                channels[(n as usize) % channels.len()].clone(),
+            );
+            let (tally, key) = (tally.clone(), key.clone());
+            tasks.spawn(async move {
+                let mut request = tonic::Request::new(request);
+                if let Ok(value) = format!("Bearer {key}").parse() {
+                    request.metadata_mut().insert("authorization", value);
                 }
-                Err(status) => *tally.errors.entry(reason_of(&status)).or_default() += 1,
-            }
-        });
-        // Reap finished tasks as we go so the set stays small.
-        while tasks.try_join_next().is_some() {}
-    }
+                request.set_timeout(Duration::from_secs(30));
+                let result = client.settle(request).await;
+                let answered = Instant::now();
+                let latency_us = answered.saturating_duration_since(scheduled).as_micros().max(1) as u64;
+                drop(permit);
+                let mut tally = tally.lock().unwrap();
+                tally.last_answer = Some(tally.last_answer.map_or(answered, |last| last.max(answered)));
+                match result {
+                    Ok(_) => {
+                        tally.ok += 1;
+                        let _ = tally.histogram.record(latency_us.min(60_000_000));
+                    }
+                    Err(status) => *tally.errors.entry(reason_of(&status)).or_default() += 1,
+                }
+            });
+            // Reap finished tasks as we go so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+    });
     while tasks.join_next().await.is_some() {}
     let cpu =
         cpu_before.zip(machine_ticks()).and_then(|(before, after)| machine_cpu_ms(before, after, started.elapsed()));
@@ -244,6 +262,8 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         connections: channels.len(),
         cpu_ms_per_ok: cpu.filter(|_| tally.ok > 0).map(|(ms, _)| ms / tally.ok as f64),
         machine_busy_percent: cpu.map(|(_, busy)| busy),
+        sent_late_p99_ms: late.value_at_quantile(0.99) as f64 / 1000.0,
+        sent_late_max_ms: late.max() as f64 / 1000.0,
     })
 }
 
