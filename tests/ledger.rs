@@ -9,6 +9,7 @@ on_both_backends!(
     the_sweeper_commits_holds_the_ledger_has_and_releases_the_others,
     a_debit_adjustment_holds_and_finalizes_like_a_payment,
     reading_the_cache_installs_only_a_newer_ledger_balance,
+    reserving_installs_only_a_newer_ledger_balance_first,
     the_lease_index_lists_exactly_the_holds_that_exist,
     a_request_is_claimed_by_one_attempt_at_a_time,
     a_transfer_out_computed_before_an_interest_run_paid_is_declined_not_paid_twice,
@@ -278,6 +279,34 @@ async fn reading_the_cache_installs_only_a_newer_ledger_balance(backend: Backend
         (yuan("30.00"), yuan("20.00"), 4, yuan("10.00"))
     );
     assert_eq!(cache.get(id).await.unwrap(), Some(newer));
+}
+
+/// A payment not planned against the cache first (a PIN-exempt channel) installs the balance it
+/// read from the ledger in the same cache call that holds: a missing account is loaded, an older
+/// cached state catches up, a newer one stays, and open holds always count.
+async fn reserving_installs_only_a_newer_ledger_balance_first(backend: Backend) {
+    let gw = TestGateway::start_with(backend).await;
+    let cache = &gw.app.gateway.cache;
+    let id = 900_003;
+    assert_eq!(cache.get(id).await.unwrap(), None);
+    let held = cache.load_and_reserve(id, yuan("10.00"), 5, "h1", yuan("4.00"), 60_000).await.unwrap();
+    assert_eq!(held, Reserve::Held(yuan("4.00")), "a missing account is loaded, then held on");
+
+    let older = cache.load_and_reserve(id, yuan("50.00"), 3, "h2", yuan("20.00"), 60_000).await.unwrap();
+    assert_eq!(older, Reserve::Held(yuan("6.00")), "an older ledger balance is not installed");
+    let equal = cache.load_and_reserve(id, yuan("50.00"), 5, "h3", yuan("1.00"), 60_000).await.unwrap();
+    assert_eq!(equal, Reserve::Held(Money::ZERO), "an equal sequence is not newer");
+    let cached = cache.get(id).await.unwrap().unwrap();
+    assert_eq!((cached.balance, cached.held, cached.seq), (yuan("10.00"), yuan("10.00"), 5));
+
+    // A commit the cache never heard of: the newer balance replaces the old one, and the holds
+    // still count against it.
+    let newer = cache.load_and_reserve(id, yuan("50.00"), 9, "h4", yuan("100.00"), 60_000).await.unwrap();
+    assert_eq!(newer, Reserve::Held(yuan("40.00")));
+    let again = cache.load_and_reserve(id, yuan("80.00"), 9, "h4", yuan("100.00"), 60_000).await.unwrap();
+    assert_eq!(again, Reserve::Held(yuan("40.00")), "a repeated hold answers what it holds");
+    let cached = cache.get(id).await.unwrap().unwrap();
+    assert_eq!((cached.balance, cached.held, cached.seq), (yuan("50.00"), yuan("50.00"), 9));
 }
 
 /// The sweeper finds holds through the lease index: every hold that exists is in it, and a hold

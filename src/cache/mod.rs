@@ -83,6 +83,21 @@ pub trait BalanceCache: Send + Sync + 'static {
     }
     /// Holds up to `want` of what is available, under `hold_id`, for `lease_ms`.
     async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve>;
+    /// `load`, then `reserve`: a ledger balance installed (unless the cache has one as new or
+    /// newer), then up to `want` of what is available held. A cache across the network does it in
+    /// one trip.
+    async fn load_and_reserve(
+        &self,
+        account_id: AccountId,
+        balance: Money,
+        seq: i64,
+        hold_id: &str,
+        want: Money,
+        lease_ms: u64,
+    ) -> CacheResult<Reserve> {
+        self.load(account_id, balance, seq).await?;
+        self.reserve(account_id, hold_id, want, lease_ms).await
+    }
     /// The ledger committed the debit: drop the hold and take the ledger's balance if newer (or
     /// install it if the account is not cached, so no older balance can be loaded later).
     async fn commit_hold(

@@ -190,6 +190,43 @@ impl RedisCache {
         Ok(())
     }
 
+    /// `reserve`, installing a ledger balance first when one is given (in the same script).
+    async fn reserve_loading(
+        &self,
+        account_id: AccountId,
+        load: Option<(Money, i64)>,
+        hold_id: &str,
+        want: Money,
+        lease_ms: u64,
+    ) -> CacheResult<Reserve> {
+        let mut conn = self.connection.clone();
+        let lease_end = memory::unix_ms() + lease_ms;
+        let member = Self::lease_member(account_id, hold_id);
+        let (balance_fen, seq) = match load {
+            Some((balance, seq)) => (balance.to_fen().to_string(), seq.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let mut invocation = self.scripts.reserve.key(self.account_key(account_id));
+        invocation.key(self.holds_key(account_id)).arg(hold_id).arg(want.to_fen()).arg(balance_fen).arg(seq);
+        let held: i64 = if self.single_server() {
+            // The script indexes the hold and reserves in one step (one round trip).
+            invocation.key(self.lease_index_key()).arg(lease_end).arg(&member);
+            deadline(invocation.invoke_async(&mut conn)).await?
+        } else {
+            // Index first: a hold that exists is always findable by the sweeper.
+            let _: i64 = deadline(
+                ::redis::cmd("ZADD").arg(self.lease_index_key()).arg(lease_end).arg(&member).query_async(&mut conn),
+            )
+            .await?;
+            let held = deadline(invocation.invoke_async(&mut conn)).await?;
+            if held <= 0 {
+                self.unindex(&mut conn, account_id, hold_id).await?;
+            }
+            held
+        };
+        Ok(if held < 0 { Reserve::NotLoaded } else { Reserve::Held(Money::from_fen(held)) })
+    }
+
     /// On one server a script may also touch the lease index; on a cluster the index is on
     /// another slot than the account, so it takes commands of its own.
     fn single_server(&self) -> bool {
@@ -240,28 +277,19 @@ impl BalanceCache for RedisCache {
     }
 
     async fn reserve(&self, account_id: AccountId, hold_id: &str, want: Money, lease_ms: u64) -> CacheResult<Reserve> {
-        let mut conn = self.connection.clone();
-        let lease_end = memory::unix_ms() + lease_ms;
-        let member = Self::lease_member(account_id, hold_id);
-        let mut invocation = self.scripts.reserve.key(self.account_key(account_id));
-        invocation.key(self.holds_key(account_id)).arg(hold_id).arg(want.to_fen());
-        let held: i64 = if self.single_server() {
-            // The script indexes the hold and reserves in one step (one round trip).
-            invocation.key(self.lease_index_key()).arg(lease_end).arg(&member);
-            deadline(invocation.invoke_async(&mut conn)).await?
-        } else {
-            // Index first: a hold that exists is always findable by the sweeper.
-            let _: i64 = deadline(
-                ::redis::cmd("ZADD").arg(self.lease_index_key()).arg(lease_end).arg(&member).query_async(&mut conn),
-            )
-            .await?;
-            let held = deadline(invocation.invoke_async(&mut conn)).await?;
-            if held <= 0 {
-                self.unindex(&mut conn, account_id, hold_id).await?;
-            }
-            held
-        };
-        Ok(if held < 0 { Reserve::NotLoaded } else { Reserve::Held(Money::from_fen(held)) })
+        self.reserve_loading(account_id, None, hold_id, want, lease_ms).await
+    }
+
+    async fn load_and_reserve(
+        &self,
+        account_id: AccountId,
+        balance: Money,
+        seq: i64,
+        hold_id: &str,
+        want: Money,
+        lease_ms: u64,
+    ) -> CacheResult<Reserve> {
+        self.reserve_loading(account_id, Some((balance, seq)), hold_id, want, lease_ms).await
     }
 
     async fn commit_hold(

@@ -230,26 +230,38 @@ async fn attempt(
     }
 
     let sources = sources(&context, &command, &policy, today)?;
-    let available = available(gateway, &sources).await?;
     // Premiums are all or nothing (002 Q6), whatever mode was asked for.
     let mode = if premium { PayMode::FullOnly } else { command.mode };
-    let plan = plan::plan(command.amount, mode, &available).map_err(|Insufficient { .. }| {
-        Failure::new(Reason::InsufficientBalance, "the accounts cannot cover this full-only payment")
-    })?;
-
-    let decision = authenticate::decide(
-        &policy,
-        command.channel,
-        plan.total,
-        context.person.no_pin_tier.as_deref(),
-        // Not read only for a payment exempt everywhere, which `decide` answers before the tier.
-        context.no_pin_used_today.unwrap_or(Money::ZERO),
-        command.pin.is_some(),
-    );
+    // A channel exempt from the PIN for the whole amount is exempt for whatever the accounts give
+    // (`decide` only ever narrows an exemption as the draw grows): such a payment is not planned
+    // against the cache first. Its holds, taken in deduction order, are the plan (each account
+    // gives what it has, up to what is still owed; a full-only payment they cannot cover is
+    // released whole), one cache trip per account fewer. Everything else is planned first,
+    // because the PIN decision depends on what the accounts give.
+    let exempt = authenticate::decide(&policy, command.channel, command.amount, None, Money::ZERO, false);
+    let (draw_max, decision) = if !dry_run && exempt.method == crate::domain::AuthMethod::ChannelExempt {
+        (command.amount, exempt)
+    } else {
+        let available = available(gateway, &sources).await?;
+        let plan = plan::plan(command.amount, mode, &available).map_err(|Insufficient { .. }| {
+            Failure::new(Reason::InsufficientBalance, "the accounts cannot cover this full-only payment")
+        })?;
+        let decision = authenticate::decide(
+            &policy,
+            command.channel,
+            plan.total,
+            context.person.no_pin_tier.as_deref(),
+            // Not read only for a payment exempt everywhere, which `decide` answers before the tier.
+            context.no_pin_used_today.unwrap_or(Money::ZERO),
+            command.pin.is_some(),
+        );
+        if dry_run {
+            let now = gateway.clock.now();
+            return Ok(planned_answer(institution, &command, &sources, &plan, decision, &context, now));
+        }
+        (plan.total, decision)
+    };
     let now = gateway.clock.now();
-    if dry_run {
-        return Ok(planned_answer(institution, &command, &sources, &plan, decision, &context, now));
-    }
     match (&command.pin, decision.pin_required) {
         (Some(pin), _) if decision.method == crate::domain::AuthMethod::Pin => {
             authenticate::verify_pin(gateway, &policy, &command.psn_no, pin).await?
@@ -281,7 +293,7 @@ async fn attempt(
     // request's claim until the outcome is known (then remembers the answer for replays).
     let claim = claim.take();
     let limit_ms = claim.as_ref().and_then(ClaimGuard::hold_deadline_limit_ms);
-    let critical = reserve::run(gateway.clone(), new, sources, plan.total, mode, limit_ms);
+    let critical = reserve::run(gateway.clone(), new, sources, draw_max, mode, limit_ms);
     let after = gateway.clone();
     let task = gateway.background.spawn(async move {
         let (outcome, unsettled) = critical.await;

@@ -217,12 +217,17 @@ async fn reload(gateway: &Gateway, account_id: i64) -> Outcome<()> {
     Ok(())
 }
 
+/// Holds up to `want` on one source. The balance the ledger gave with the payer's context is
+/// installed on the way (it wins only if newer than the cache's), so a payment that was not
+/// planned against the cache first still draws on a loaded, caught-up account in one trip.
 async fn reserve_one(gateway: &Gateway, source: &Source, hold_id: &str, want: Money) -> Outcome<Money> {
     let lease_ms = gateway.settings.hold_lease_ms;
-    match gateway.cache.reserve(source.account.id, hold_id, want, lease_ms).await? {
+    let (account_id, balance, seq) = (source.account.id, source.account.balance, source.account.seq);
+    match gateway.cache.load_and_reserve(account_id, balance, seq, hold_id, want, lease_ms).await? {
         Reserve::Held(amount) => Ok(amount),
         Reserve::NotLoaded => {
-            // Flushed or evicted since planning: reload from the ledger, then try once more.
+            // Flushed or evicted between the load and the hold (a cache that does not do both in
+            // one step): reload from the ledger, then try once more.
             let (balance, seq) = gateway
                 .ledger
                 .account_balance(source.account.id)
