@@ -195,9 +195,9 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
     // The schedule is kept by a thread that sleeps to each send time (the kernel's timer,
     // microseconds late at most when the machine has a core to spare): tokio's timer counts whole
     // milliseconds and rounds up, which sent every request 0-2 ms late, in bursts once a
-    // millisecond, and charged that lag to the server. The thread is a worker of the runtime
-    // handed over to the pacing for the run (so `run` needs the multi-thread runtime); the
-    // requests still run on the runtime.
+    // millisecond, and charged that lag to the server. The thread is the one `run` is polled on
+    // (a worker, or the thread blocking on the runtime), handed over to the pacing for the run, so
+    // `run` needs the multi-thread runtime; the requests still run on the runtime's workers.
     tokio::task::block_in_place(|| {
         for n in 0..total {
             let scheduled = started + interval.mul_f64(n as f64);

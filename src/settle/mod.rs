@@ -233,13 +233,15 @@ async fn attempt(
     // Premiums are all or nothing (002 Q6), whatever mode was asked for.
     let mode = if premium { PayMode::FullOnly } else { command.mode };
     // A channel exempt from the PIN for the whole amount is exempt for whatever the accounts give
-    // (`decide` only ever narrows an exemption as the draw grows): such a payment is not planned
-    // against the cache first. Its holds, taken in deduction order, are the plan (each account
-    // gives what it has, up to what is still owed; a full-only payment they cannot cover is
-    // released whole), one cache trip per account fewer. Everything else is planned first,
-    // because the PIN decision depends on what the accounts give.
+    // (`decide` only ever narrows an exemption as the draw grows): such a partial payment is not
+    // planned against the cache first. Its holds, taken in deduction order, are the plan (each
+    // account gives what it has, up to what is still owed, the rest is cash), one cache trip per
+    // account fewer. Everything else is planned first: the PIN decision depends on what the
+    // accounts give, and a full-only payment they cannot cover is refused without holding
+    // anything that other payments would meanwhile find missing.
     let exempt = authenticate::decide(&policy, command.channel, command.amount, None, Money::ZERO, false);
-    let (draw_max, decision) = if !dry_run && exempt.method == crate::domain::AuthMethod::ChannelExempt {
+    let unplanned = !dry_run && mode == PayMode::Partial && exempt.method == crate::domain::AuthMethod::ChannelExempt;
+    let (draw_max, decision) = if unplanned {
         (command.amount, exempt)
     } else {
         let available = available(gateway, &sources).await?;

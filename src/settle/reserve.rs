@@ -37,7 +37,10 @@ pub async fn run(
     const ATTEMPTS_MAX: usize = 2;
     let mut attempt = 1;
     loop {
-        match run_once(&gateway, new.clone(), &sources, draw_max, mode, hold_deadline_limit_ms).await {
+        // The balances read with the payer's context go to the cache with the first attempt's
+        // holds only: a retry follows a reload from the ledger, newer than they are.
+        let load = attempt == 1;
+        match run_once(&gateway, new.clone(), &sources, draw_max, mode, hold_deadline_limit_ms, load).await {
             Err(Retry::Reloaded) if attempt < ATTEMPTS_MAX => attempt += 1,
             Err(Retry::Reloaded) => {
                 let failure =
@@ -111,6 +114,7 @@ async fn run_once(
     draw_max: Money,
     mode: PayMode,
     hold_deadline_limit_ms: Option<u64>,
+    load: bool,
 ) -> Result<SettlementRecord, Retry> {
     let hold_id = gateway.new_id('S');
     new.setl_id = hold_id.clone();
@@ -131,7 +135,7 @@ async fn run_once(
         if left.is_zero() {
             break;
         }
-        match reserve_one(gateway, source, &hold_id, left).await {
+        match reserve_one(gateway, source, &hold_id, left, load).await {
             Ok(held) if held.is_zero() => {}
             Ok(held) => {
                 holds.push((source.account.id, held));
@@ -217,13 +221,18 @@ async fn reload(gateway: &Gateway, account_id: i64) -> Outcome<()> {
     Ok(())
 }
 
-/// Holds up to `want` on one source. The balance the ledger gave with the payer's context is
-/// installed on the way (it wins only if newer than the cache's), so a payment that was not
-/// planned against the cache first still draws on a loaded, caught-up account in one trip.
-async fn reserve_one(gateway: &Gateway, source: &Source, hold_id: &str, want: Money) -> Outcome<Money> {
+/// Holds up to `want` on one source. With `load`, the balance the ledger gave with the payer's
+/// context is installed on the way (it wins only if newer than the cache's), so a payment that was
+/// not planned against the cache first still draws on a loaded, caught-up account in one trip.
+async fn reserve_one(gateway: &Gateway, source: &Source, hold_id: &str, want: Money, load: bool) -> Outcome<Money> {
     let lease_ms = gateway.settings.hold_lease_ms;
     let (account_id, balance, seq) = (source.account.id, source.account.balance, source.account.seq);
-    match gateway.cache.load_and_reserve(account_id, balance, seq, hold_id, want, lease_ms).await? {
+    let reserved = if load {
+        gateway.cache.load_and_reserve(account_id, balance, seq, hold_id, want, lease_ms).await?
+    } else {
+        gateway.cache.reserve(account_id, hold_id, want, lease_ms).await?
+    };
+    match reserved {
         Reserve::Held(amount) => Ok(amount),
         Reserve::NotLoaded => {
             // Flushed or evicted between the load and the hold (a cache that does not do both in
