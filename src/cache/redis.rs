@@ -62,7 +62,6 @@ struct Scripts {
     load: Script,
     reserve: Script,
     finish: Script,
-    apply: Script,
     claim: Script,
     end_claim: Script,
     forget_answer: Script,
@@ -122,11 +121,11 @@ impl RedisCache {
             index_in_scripts,
             prefix: prefix.to_string(),
             scripts: Scripts {
-                get: Script::new(include_str!("scripts/get.lua")),
-                load: Script::new(include_str!("scripts/load.lua")),
-                reserve: Script::new(include_str!("scripts/reserve.lua")),
-                finish: Script::new(include_str!("scripts/finish.lua")),
-                apply: Script::new(include_str!("scripts/apply.lua")),
+                // The scripts that bring a ledger balance into the cache share install.lua.
+                get: Script::new(concat!(include_str!("scripts/install.lua"), include_str!("scripts/get.lua"))),
+                load: Script::new(concat!(include_str!("scripts/install.lua"), include_str!("scripts/load.lua"))),
+                reserve: Script::new(concat!(include_str!("scripts/install.lua"), include_str!("scripts/reserve.lua"))),
+                finish: Script::new(concat!(include_str!("scripts/install.lua"), include_str!("scripts/finish.lua"))),
                 claim: Script::new(include_str!("scripts/claim.lua")),
                 end_claim: Script::new(include_str!("scripts/end_claim.lua")),
                 forget_answer: Script::new(include_str!("scripts/forget_answer.lua")),
@@ -307,11 +306,8 @@ impl BalanceCache for RedisCache {
     }
 
     async fn apply(&self, account_id: AccountId, balance_after: Money, seq: i64) -> CacheResult<()> {
-        let mut conn = self.connection.clone();
-        let mut invocation = self.scripts.apply.key(self.account_key(account_id));
-        invocation.arg(balance_after.to_fen()).arg(seq);
-        let _: i64 = deadline(invocation.invoke_async(&mut conn)).await?;
-        Ok(())
+        // A committed change without a hold reaches the cache by the same rule as a reload.
+        self.load(account_id, balance_after, seq).await
     }
 
     async fn claim_request(

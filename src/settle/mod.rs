@@ -295,7 +295,8 @@ async fn attempt(
     // request's claim until the outcome is known (then remembers the answer for replays).
     let claim = claim.take();
     let limit_ms = claim.as_ref().and_then(ClaimGuard::hold_deadline_limit_ms);
-    let critical = reserve::run(gateway.clone(), new, sources, draw_max, mode, limit_ms);
+    // A planned payment's balances reached the cache while it was planned (`available`).
+    let critical = reserve::run(gateway.clone(), new, sources, draw_max, mode, limit_ms, unplanned);
     let after = gateway.clone();
     let task = gateway.background.spawn(async move {
         let (outcome, unsettled) = critical.await;

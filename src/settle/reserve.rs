@@ -26,6 +26,10 @@ use std::time::Duration;
 /// No hold deadline later than `hold_deadline_limit_ms` is taken (the request's claim must outlive
 /// the write). With a failure whose outcome is unknown (the write may yet commit) comes what the
 /// caller needs to find it out (`settle_unknown`).
+///
+/// With `install_context`, the balances the ledger gave with the payer's context (`sources`) are
+/// installed in the cache with the first attempt's holds: for a payment that was not planned
+/// against the cache first, whose accounts the cache may not hold yet.
 pub async fn run(
     gateway: Arc<Gateway>,
     new: NewSettlement,
@@ -33,13 +37,13 @@ pub async fn run(
     draw_max: Money,
     mode: PayMode,
     hold_deadline_limit_ms: Option<u64>,
+    install_context: bool,
 ) -> (Outcome<SettlementRecord>, Option<Unsettled>) {
     const ATTEMPTS_MAX: usize = 2;
     let mut attempt = 1;
     loop {
-        // The balances read with the payer's context go to the cache with the first attempt's
-        // holds only: a retry follows a reload from the ledger, newer than they are.
-        let load = attempt == 1;
+        // Never with a retry: it follows a reload from the ledger, newer than the context.
+        let load = install_context && attempt == 1;
         match run_once(&gateway, new.clone(), &sources, draw_max, mode, hold_deadline_limit_ms, load).await {
             Err(Retry::Reloaded) if attempt < ATTEMPTS_MAX => attempt += 1,
             Err(Retry::Reloaded) => {

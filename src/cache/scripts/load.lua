@@ -1,7 +1,4 @@
--- KEYS[1] account hash {a:<id>}; ARGV balance_fen, seq.
--- Installs a ledger balance unless the cache has one as new or newer. Holds are kept.
-local seq = redis.call('HGET', KEYS[1], 's')
-if (not seq) or tonumber(seq) < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'b', ARGV[1], 's', ARGV[2])
-end
+-- KEYS[1] account hash {a:<id>}; ARGV balance_fen, seq. Installs a ledger balance read or
+-- committed elsewhere (a reload, a credit, a refund) by the rule of install.lua. Holds are kept.
+install(KEYS[1], ARGV[1], ARGV[2])
 return 1

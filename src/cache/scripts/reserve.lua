@@ -1,17 +1,11 @@
 -- KEYS[1] account hash, KEYS[2] its holds hash (same hash tag); ARGV hold_id, want_fen, and a
--- ledger balance_fen and seq to install first unless the cache has one as new or newer (as
--- load.lua does), or '' and '' to install nothing.
+-- ledger balance_fen and seq to install first (install.lua), or '' and '' to install nothing.
 -- Holds up to want of what is available; returns the amount held, or -1 if the account is not
 -- loaded. A repeated reserve of the same hold returns what it holds.
 -- On a single server also KEYS[3], the lease index, with ARGV lease_end_ms and the hold's index
 -- member: the hold is indexed and, if nothing is held, unindexed in this same step. (On a cluster
 -- the index lives on another slot, and the caller indexes before and unindexes after.)
-if ARGV[4] ~= '' then
-  local seq = redis.call('HGET', KEYS[1], 's')
-  if (not seq) or tonumber(seq) < tonumber(ARGV[4]) then
-    redis.call('HSET', KEYS[1], 'b', ARGV[3], 's', ARGV[4])
-  end
-end
+if ARGV[4] ~= '' then install(KEYS[1], ARGV[3], ARGV[4]) end
 local index = KEYS[3]
 if index then redis.call('ZADD', index, ARGV[5], ARGV[6]) end
 local balance = redis.call('HGET', KEYS[1], 'b')
