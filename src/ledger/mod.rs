@@ -20,6 +20,7 @@ use crate::domain::policy::InterestRate;
 use crate::domain::{AccountStatus, CardStatus, Money, Relation};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
+use std::fmt;
 
 /// The ledger could not answer; nothing is known to have happened. Callers map this to
 /// UNAVAILABLE / BACKEND_UNAVAILABLE.
@@ -163,14 +164,26 @@ pub trait Ledger: Send + Sync + 'static {
 pub struct AlreadyExists;
 
 /// Outcome of a PIN attempt's durable count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PinAttempt {
     /// No PIN stored.
     NotSet,
     /// Locked until the given business date.
     Locked { until: NaiveDate },
-    /// Counted: verify the PIN now. `failures` includes this attempt.
-    Proceed { failures: u32 },
+    /// Counted: verify the PIN now against `phc`, the hash stored when the attempt was counted
+    /// (read under the same row lock, so a concurrent change of PIN is not verified stale).
+    /// `failures` includes this attempt.
+    Proceed { failures: u32, phc: StoredPin },
+}
+
+/// A stored PIN hash (PHC string): not a secret by itself, but never printed either.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredPin(pub String);
+
+impl fmt::Debug for StoredPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoredPin(****)")
+    }
 }
 
 impl FamilyView {

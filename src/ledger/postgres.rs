@@ -930,12 +930,12 @@ impl Ledger for PostgresLedger {
                  UPDATE pins SET failed_count = d.failures,
                      locked_until = CASE WHEN d.failures >= $3 THEN $2 + 1 ELSE NULL END, updated_at = now()
                  FROM decided d WHERE pins.psn_no = $1 AND d.failures IS NOT NULL
-                 RETURNING pins.failed_count",
+                 RETURNING pins.failed_count, pins.phc",
                     &[&psn_no, &today, &(lockout_failures as i32)],
                 )
                 .await?;
             if let Some(row) = row {
-                return Ok(PinAttempt::Proceed { failures: row.get::<_, i32>(0) as u32 });
+                return Ok(PinAttempt::Proceed { failures: row.get::<_, i32>(0) as u32, phc: StoredPin(row.get(1)) });
             }
             let state = self.query_opt("SELECT locked_until FROM pins WHERE psn_no = $1", &[&psn_no]).await?;
             match state.map(|row| row.get::<_, Option<NaiveDate>>(0)) {

@@ -1535,11 +1535,11 @@ impl Ledger for SqliteLedger {
         self.write(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let state = tx
-                .query_row("SELECT failed_count, locked_until FROM pins WHERE psn_no = ?1", [&psn_no], |row| {
-                    Ok((row.get::<_, u32>(0)?, col_opt_date(row, 1)?))
+                .query_row("SELECT failed_count, locked_until, phc FROM pins WHERE psn_no = ?1", [&psn_no], |row| {
+                    Ok((row.get::<_, u32>(0)?, col_opt_date(row, 1)?, row.get::<_, String>(2)?))
                 })
                 .optional()?;
-            let Some((mut failures, locked_until)) = state else { return Ok(PinAttempt::NotSet) };
+            let Some((mut failures, locked_until, phc)) = state else { return Ok(PinAttempt::NotSet) };
             match locked_until {
                 Some(until) if today < until => return Ok(PinAttempt::Locked { until }),
                 Some(_) => failures = 0, // the lock ran out: a new day, a fresh count
@@ -1552,7 +1552,7 @@ impl Ledger for SqliteLedger {
                 params![failures, lock.map(date), ts(Utc::now()), psn_no],
             )?;
             tx.commit()?;
-            Ok(PinAttempt::Proceed { failures })
+            Ok(PinAttempt::Proceed { failures, phc: StoredPin(phc) })
         })
         .await
     }

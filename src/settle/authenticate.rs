@@ -51,20 +51,16 @@ pub async fn verify_pin(gateway: &Gateway, policy: &RegionPolicy, psn_no: &str, 
         return Err(Failure::invalid("pin", format!("must be {} digits", policy.pin_length)));
     }
     let today = gateway.clock.today();
-    let failures = match gateway.ledger.pin_attempt_begin(psn_no, today, policy.pin_lockout_failures).await? {
+    let (failures, phc) = match gateway.ledger.pin_attempt_begin(psn_no, today, policy.pin_lockout_failures).await? {
         PinAttempt::NotSet => return Err(Failure::new(Reason::PinNotSet, "no payment PIN is set for this person")),
         PinAttempt::Locked { until } => {
             return Err(Failure::new(Reason::PinLocked, format!("PIN payments are locked until {until}"))
                 .with_metadata("locked-until", until))
         }
-        PinAttempt::Proceed { failures } => failures,
+        // The hash as stored when the attempt was counted: a concurrent ChangePin is not missed.
+        PinAttempt::Proceed { failures, phc } => (failures, phc),
     };
-    // Read the hash after counting, so a concurrent ChangePin cannot be verified against stale data.
-    let phc = gateway.ledger.payer_context(psn_no, None).await?.and_then(|ctx| ctx.pin_phc);
-    let Some(phc) = phc else {
-        return Err(Failure::new(Reason::PinNotSet, "no payment PIN is set for this person"));
-    };
-    let matches = gateway.pins.verify(pin, &phc).await.map_err(|error| {
+    let matches = gateway.pins.verify(pin, &phc.0).await.map_err(|error| {
         tracing::error!(%error, "PIN verification failed");
         Failure::new(Reason::Internal, "PIN verification failed")
     })?;
