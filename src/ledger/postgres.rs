@@ -446,7 +446,7 @@ const PAYER_CONTEXTS: &str = "SELECT c.*, q.i
      CROSS JOIN LATERAL (
         SELECT p.psn_no, p.name, p.birth_date, p.region, p.category, p.status, p.card_status,
             p.no_pin_tier, k.phc IS NOT NULL AS pin_set, k.locked_until, a.account_id, a.status AS account_status,
-            a.balance, a.seq, k.phc, k.failed_count,
+            a.balance, a.seq,
             CASE WHEN q.day IS NOT NULL THEN yibao_no_pin_used(p.psn_no, q.day) END AS no_pin_used,
             (ff.f).owners, (ff.f).relations, (ff.f).effective, (ff.f).accounts, (ff.f).statuses, (ff.f).balances,
             (ff.f).seqs
@@ -460,13 +460,13 @@ const PAYER_CONTEXTS: &str = "SELECT c.*, q.i
 
 /// A payer's context from a row of PAYER_CONTEXTS.
 fn payer_context_from_row(row: &Row) -> LedgerResult<PayerContext> {
-    let owners: Vec<String> = row.get::<_, Option<Vec<String>>>(17).unwrap_or_default();
-    let relations: Vec<String> = row.get::<_, Option<Vec<String>>>(18).unwrap_or_default();
-    let effective: Vec<NaiveDate> = row.get::<_, Option<Vec<NaiveDate>>>(19).unwrap_or_default();
-    let accounts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(20).unwrap_or_default();
-    let statuses: Vec<String> = row.get::<_, Option<Vec<String>>>(21).unwrap_or_default();
-    let balances: Vec<Decimal> = row.get::<_, Option<Vec<Decimal>>>(22).unwrap_or_default();
-    let seqs: Vec<i64> = row.get::<_, Option<Vec<i64>>>(23).unwrap_or_default();
+    let owners: Vec<String> = row.get::<_, Option<Vec<String>>>(15).unwrap_or_default();
+    let relations: Vec<String> = row.get::<_, Option<Vec<String>>>(16).unwrap_or_default();
+    let effective: Vec<NaiveDate> = row.get::<_, Option<Vec<NaiveDate>>>(17).unwrap_or_default();
+    let accounts: Vec<i64> = row.get::<_, Option<Vec<i64>>>(18).unwrap_or_default();
+    let statuses: Vec<String> = row.get::<_, Option<Vec<String>>>(19).unwrap_or_default();
+    let balances: Vec<Decimal> = row.get::<_, Option<Vec<Decimal>>>(20).unwrap_or_default();
+    let seqs: Vec<i64> = row.get::<_, Option<Vec<i64>>>(21).unwrap_or_default();
     let count = owners.len();
     if [relations.len(), effective.len(), accounts.len(), statuses.len(), balances.len(), seqs.len()]
         .iter()
@@ -489,14 +489,10 @@ fn payer_context_from_row(row: &Row) -> LedgerResult<PayerContext> {
             })
         })
         .collect::<LedgerResult<Vec<_>>>()?;
-    let pin_phc: Option<String> = row.get(14);
-    let pin_failures: Option<i32> = row.get(15);
     Ok(PayerContext {
         person: person_from_row(row)?,
         family,
-        pin_phc,
-        pin_failures: pin_failures.unwrap_or(0) as u32,
-        no_pin_used_today: row.get::<_, Option<Decimal>>(16).map(money).transpose()?,
+        no_pin_used_today: row.get::<_, Option<Decimal>>(14).map(money).transpose()?,
     })
 }
 
@@ -544,7 +540,7 @@ impl ContextReader {
             Ok(rows) => {
                 let mut misplaced = false;
                 for row in rows {
-                    let position: i64 = row.get(24);
+                    let position: i64 = row.get(row.len() - 1); // the last column
                     match usize::try_from(position - 1).ok().and_then(|i| answers.get_mut(i)) {
                         Some(answer) => *answer = payer_context_from_row(&row).map(Some),
                         None => misplaced = true,

@@ -54,30 +54,17 @@ pub struct FamilySource {
     pub account: AccountRecord,
 }
 
-/// Everything the settlement path needs to know about a payer, read in one go.
-#[derive(Clone)]
+/// Everything the settlement path needs to know about a payer, read in one go. (The stored PIN
+/// hash is not part of it: a PIN is verified against the hash read when its attempt is counted.)
+#[derive(Debug, Clone)]
 pub struct PayerContext {
     pub person: PersonRecord,
     /// Active links to owners in the payer's deduction order (effective or not yet; the caller
     /// filters by date so that it can say why).
     pub family: Vec<FamilySource>,
-    pub pin_phc: Option<String>,
-    pub pin_failures: u32,
     /// Account money already drawn on the day asked by no-PIN-tier payments (not reversed);
     /// `None` when no day was asked.
     pub no_pin_used_today: Option<Money>,
-}
-
-impl std::fmt::Debug for PayerContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PayerContext")
-            .field("person", &self.person)
-            .field("family", &self.family)
-            .field("pin_phc", &self.pin_phc.as_ref().map(|_| "****"))
-            .field("pin_failures", &self.pin_failures)
-            .field("no_pin_used_today", &self.no_pin_used_today)
-            .finish()
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -240,17 +240,10 @@ fn payer_context_sync(conn: &Connection, psn_no: &str, no_pin_day: Option<NaiveD
     let Some(person) = load_person(conn, psn_no)? else {
         return Ok(None);
     };
-    let (pin_phc, pin_failures) = conn
-        .prepare_cached("SELECT phc, failed_count FROM pins WHERE psn_no = ?1")?
-        .query_row([psn_no], |row| Ok((Some(row.get::<_, String>(0)?), row.get::<_, u32>(1)?)))
-        .optional()?
-        .unwrap_or((None, 0));
     Ok(Some(PayerContext {
         family: usable_sources(conn, psn_no)?,
         no_pin_used_today: no_pin_day.map(|day| no_pin_used(conn, psn_no, day)).transpose()?,
         person,
-        pin_phc,
-        pin_failures,
     }))
 }
 
