@@ -176,9 +176,16 @@ pub enum PinAttempt {
     Proceed { failures: u32, phc: StoredPin },
 }
 
-/// A stored PIN hash (PHC string): not a secret by itself, but never printed either.
+/// A stored PIN hash (PHC string): not a secret by itself, but never printed either, and read
+/// only by name.
 #[derive(Clone, PartialEq, Eq)]
-pub struct StoredPin(pub String);
+pub struct StoredPin(String);
+
+impl StoredPin {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Debug for StoredPin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -60,7 +60,7 @@ pub async fn verify_pin(gateway: &Gateway, policy: &RegionPolicy, psn_no: &str, 
         // The hash as stored when the attempt was counted: a concurrent ChangePin is not missed.
         PinAttempt::Proceed { failures, phc } => (failures, phc),
     };
-    let matches = gateway.pins.verify(pin, &phc.0).await.map_err(|error| {
+    let matches = gateway.pins.verify(pin, phc.expose()).await.map_err(|error| {
         tracing::error!(%error, "PIN verification failed");
         Failure::new(Reason::Internal, "PIN verification failed")
     })?;
