@@ -10,7 +10,8 @@
 #
 # Scenarios (SCENARIOS, default all): a e-voucher self only, b 30% family, c card + PIN (at PIN_RATE,
 # default 90% of the argon2 baseline, or 90/s without baselines), d hot
-# accounts, e rate stepped up until p99 > 20 ms or errors, f scenario a on LARGE_ACCOUNTS accounts
+# accounts (a, b and d audit the books of the hottest 1% of accounts after the run: `--audit`;
+# a failed audit stops the script), e rate stepped up until p99 > 20 ms or errors, f scenario a on LARGE_ACCOUNTS accounts
 # loaded by `yibao bench population` + `yibao admin import`, with Redis memory per cached account;
 # g the monthly crediting run (`yibao admin credit`) over CREDIT_ACCOUNTS accounts (default 1M, plus
 # a tenth as many family payers) with a paid contribution each, in a ledger of their own, then the
@@ -55,6 +56,8 @@ chmod 755 "$work"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+# The summary at the end reads only files written after this.
+touch "$work/started"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -84,7 +87,9 @@ if [ -z "$PIN_RATE" ]; then PIN_RATE=$(awk '{ for (i = 1; i < NF; i++) if ($(i +
 $Y bench noop --rate 20000 --seconds "$RUN_SECONDS" --connections "$CONNECTIONS" --scenario noop --json "$OUT/noop.json"
 psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE TABLE IF NOT EXISTS one_row (id BIGSERIAL PRIMARY KEY, v INT NOT NULL)" postgres
 echo "INSERT INTO one_row (v) VALUES (1);" > "$work/one_row.sql"
-for clients in 16 64; do
+# 16 clients: the gateway's connections at most; 1: its committer's one connection (context for
+# the group-commit ratio); 64: PostgreSQL's own group commit across many clients.
+for clients in 1 16 64; do
   "$pg_bin/pgbench" -n -h 127.0.0.1 -p "$pg_port" -U postgres -c "$clients" -j 2 -T "$RUN_SECONDS" -f "$work/one_row.sql" postgres \
     | grep -E "^tps" | sed "s/^/pgbench one-row commit, $clients clients: /" | tee "$OUT/pgbench-$clients.txt"
 done
@@ -196,10 +201,10 @@ run_backend() {
   start_gateway "$name" $ledger_args $redis_args
   local base=(--server "$server" --accounts "$ACCOUNTS" --prefix BN --connections "$CONNECTIONS")
   echo "== $name"
-  if has a; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --scenario "$name-a-evoucher" --json "$OUT/$name-a.json"; fi
-  if has b; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --family-share 0.3 --scenario "$name-b-family" --json "$OUT/$name-b.json"; fi
+  if has a; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --audit --scenario "$name-a-evoucher" --json "$OUT/$name-a.json"; fi
+  if has b; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --family-share 0.3 --audit --scenario "$name-b-family" --json "$OUT/$name-b.json"; fi
   if has c; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$PIN_RATE" --pin-share 1.0 --scenario "$name-c-pin" --json "$OUT/$name-c.json"; fi
-  if has d; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --hot-share 0.5 --scenario "$name-d-hot" --json "$OUT/$name-d.json"; fi
+  if has d; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --hot-share 0.5 --audit --scenario "$name-d-hot" --json "$OUT/$name-d.json"; fi
   if has e; then
     $Y bench run "${base[@]}" --seconds "$STEP_SECONDS" --rate "$STEP_FROM" --step-by "$STEP_BY" --step-to "$STEP_TO" \
       --p99-target-ms 20 --scenario "$name-e-step" --json "$OUT/$name-e.json"
@@ -220,4 +225,6 @@ case " ${BACKENDS:-embedded postgres-redis} " in
     run_backend postgres-redis "--ledger-url $pg_url" "--redis-url redis://127.0.0.1:$redis_port/0"
     if has g; then run_credit postgres-redis "--ledger-url $credit_url" "--redis-url redis://127.0.0.1:$redis_port/1"; fi ;;
 esac
+echo "== targets"
+python3 scripts/bench_summary.py "$OUT" "$work/started" | tee "$OUT/summary.txt"
 echo "results in $OUT"

@@ -95,11 +95,16 @@ pub struct RunArgs {
     step_by: f64,
     #[arg(long, default_value_t = 20.0)]
     p99_target_ms: f64,
+    /// After the run, check the books of the hottest 1% of accounts: each fell by exactly what
+    /// the run's settlements drew from it (requests answered with an error looked up by their
+    /// ids), none negative. A failed audit fails the command.
+    #[arg(long)]
+    audit: bool,
     #[command(flatten)]
     load: LoadArgs,
 }
 
-fn options(load: &LoadArgs, server: String) -> LoadOptions {
+fn options(load: &LoadArgs, server: String, audit: bool) -> LoadOptions {
     LoadOptions {
         server,
         rate: load.rate,
@@ -120,6 +125,7 @@ fn options(load: &LoadArgs, server: String) -> LoadOptions {
             chrono::Utc::now().format("%H%M%S%3f")
         ),
         in_flight_max: load.in_flight_max,
+        audit,
     }
 }
 
@@ -132,13 +138,16 @@ fn publish(report: &Report, json: &Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    match &report.audit {
+        Some(audit) if !audit.passed() => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 pub async fn run(command: BenchCommand) -> ExitCode {
     let outcome = match command {
         BenchCommand::Run(args) => {
-            let options = options(&args.load, args.server.clone());
+            let options = options(&args.load, args.server.clone(), args.audit);
             let channel = match loadgen::connect(&args.server, 1).await {
                 Ok(mut channels) => channels.remove(0),
                 Err(message) => return fail(&message),
@@ -173,7 +182,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
                 Ok(address) => address,
                 Err(message) => return fail(&message),
             };
-            let options = options(&load, format!("http://{address}"));
+            let options = options(&load, format!("http://{address}"), false);
             let population = Population {
                 institution_key: "noop".into(),
                 payers: (0..1000).map(|i| format!("N{i:08}")).collect(),
@@ -235,7 +244,8 @@ async fn step_up(
         std::fs::write(path, serde_json::to_string_pretty(&text).unwrap_or_default())
             .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
     }
-    Ok(ExitCode::SUCCESS)
+    let audit_failed = reports.iter().any(|report| report.audit.as_ref().is_some_and(|audit| !audit.passed()));
+    Ok(if audit_failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn fail(message: &str) -> ExitCode {

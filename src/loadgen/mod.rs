@@ -7,6 +7,7 @@
 //! a prefix set up before), then reports offered and achieved rate, p50 / p90 / p99 / p99.9 / max,
 //! and errors by reason, as one summary line and a JSON file.
 
+pub mod audit;
 pub mod baseline;
 mod setup;
 
@@ -43,6 +44,8 @@ pub struct LoadOptions {
     /// Requests in flight at most; beyond it a request counts as an error (CLIENT_OVERLOAD)
     /// rather than queueing silently in the client.
     pub in_flight_max: usize,
+    /// Check the books of the hottest 1% of accounts after the run (`audit`).
+    pub audit: bool,
 }
 
 /// What one run measured.
@@ -71,6 +74,9 @@ pub struct Report {
     /// above; large only when the machine starves the generator itself.
     pub sent_late_p99_ms: f64,
     pub sent_late_max_ms: f64,
+    /// The books of the hottest 1% of accounts, when the run checked them (`--audit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<audit::AuditReport>,
 }
 
 impl Report {
@@ -80,8 +86,9 @@ impl Report {
             (Some(per_ok), Some(busy)) => format!(" cpu {per_ok:.3} ms/ok (machine {busy:.0}% busy)"),
             _ => String::new(),
         };
+        let audit = self.audit.as_ref().map(|audit| format!(" {}", audit.summary())).unwrap_or_default();
         format!(
-            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]{cpu} sent late p99 {:.2} ms max {:.2} ms",
+            "{}: offered {:.0}/s achieved {:.0}/s ok {}/{} p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms errors [{}]{cpu} sent late p99 {:.2} ms max {:.2} ms{audit}",
             self.scenario,
             self.offered_rate,
             self.achieved_rate,
@@ -128,6 +135,7 @@ struct Tally {
     ok: u64,
     errors: BTreeMap<String, u64>,
     last_answer: Option<Instant>,
+    drawn: audit::Drawn,
 }
 
 fn reason_of(status: &tonic::Status) -> String {
@@ -182,10 +190,13 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         ok: 0,
         errors: BTreeMap::new(),
         last_answer: None,
+        drawn: audit::Drawn::default(),
     }));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(options.in_flight_max));
     let mut mix = Mix::new(0x5EED ^ total);
     let key = population.institution_key.clone();
+    let books =
+        if options.audit { Some(Arc::new(audit::Books::open(&channels[0], &key, population).await?)) } else { None };
     let cpu_before = machine_ticks();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -214,7 +225,8 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
             let mut client = pb::settlement_service_client::SettlementServiceClient::new(
                 channels[(n as usize) % channels.len()].clone(),
             );
-            let (tally, key) = (tally.clone(), key.clone());
+            let (tally, key, books) = (tally.clone(), key.clone(), books.clone());
+            let audited = books.as_ref().map(|_| (request.request_id.clone(), request.psn_no.clone()));
             tasks.spawn(async move {
                 let mut request = tonic::Request::new(request);
                 if let Ok(value) = format!("Bearer {key}").parse() {
@@ -227,6 +239,10 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
                 drop(permit);
                 let mut tally = tally.lock().unwrap();
                 tally.last_answer = Some(tally.last_answer.map_or(answered, |last| last.max(answered)));
+                if let (Some(books), Some((request_id, psn_no))) = (&books, &audited) {
+                    let answer = result.as_ref().ok().map(|answer| answer.get_ref());
+                    books.record(&mut tally.drawn, psn_no, request_id, answer);
+                }
                 match result {
                     Ok(_) => {
                         tally.ok += 1;
@@ -242,6 +258,11 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
     while tasks.join_next().await.is_some() {}
     let cpu =
         cpu_before.zip(machine_ticks()).and_then(|(before, after)| machine_cpu_ms(before, after, started.elapsed()));
+    let drawn = std::mem::take(&mut tally.lock().unwrap().drawn);
+    let audit = match books {
+        Some(books) => Some(books.close(&channels[0], &key, drawn).await?),
+        None => None,
+    };
     let tally = tally.lock().unwrap();
     let elapsed =
         tally.last_answer.unwrap_or_else(Instant::now).saturating_duration_since(started).as_secs_f64().max(1e-9);
@@ -264,6 +285,7 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         machine_busy_percent: cpu.map(|(_, busy)| busy),
         sent_late_p99_ms: late.value_at_quantile(0.99) as f64 / 1000.0,
         sent_late_max_ms: late.max() as f64 / 1000.0,
+        audit,
     })
 }
 
