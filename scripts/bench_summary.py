@@ -25,8 +25,12 @@ def main():
         path = fresh(name)
         if path is None:
             return None
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            print(f"{name}: unreadable ({error}); left out")
+            return None
 
     def number_before(name, unit):
         path = fresh(name)
@@ -44,11 +48,32 @@ def main():
             found = re.search(r"tps = ([0-9.]+)", f.read())
         return float(found.group(1)) if found else None
 
+    def of(part, whole):
+        """part / whole, or 0.0 when whole is 0 (nothing answered OK)."""
+        return part / whole if whole else 0.0
+
+    def books(r):
+        """The run's audit of the hot accounts, as a phrase, and whether it passed."""
+        audit = r.get("audit")
+        if audit is None:
+            return "not audited", False
+        sound = audit["negative"] == 0 and audit["mismatched"] == 0 and audit["unresolved"] == 0
+        return (
+            f"audit of {audit['accounts']:,} hot accounts: {audit['settlements']:,} settlements, "
+            f"{audit['negative']} negative, {audit['mismatched']} not matching what was drawn, "
+            f"{audit['unresolved']} unresolved", sound)
+
     def verdict(ok):
         return "met" if ok else "missed"
 
     def errors(r):
         return ", ".join(f"{reason}={n}" for reason, n in sorted(r["errors"].items())) or "no error"
+
+    def machine(r):
+        if r.get("machine_busy_percent") is None:
+            return ""
+        stolen = r.get("machine_stolen_percent")
+        return f", machine {r['machine_busy_percent']:.0f}% busy" + (f", {stolen:.0f}% stolen" if stolen is not None else "")
 
     def cpu(r, a):
         if r.get("cpu_ms_per_ok") is None or a.get("cpu_ms_per_ok") is None:
@@ -64,10 +89,14 @@ def main():
             continue
         lines.append(
             f"{backend} (a) at {a['offered_rate']:,.0f}/s offered: {a['achieved_rate']:,.0f}/s, {errors(a)}, "
-            f"p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms (targets at 3,500/s: p50 <= 2, p99 <= 10): "
+            f"p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms{machine(a)} (targets at 3,500/s: p50 <= 2, p99 <= 10): "
             + (verdict(a["p50_ms"] <= 2 and a["p99_ms"] <= 10 and not a["errors"])
                if a["offered_rate"] == 3500 else "not run at 3,500/s")
         )
+        for scenario, r in (("a", a), ("b", report(f"{backend}-b.json"))):
+            if r is not None and r.get("audit") is not None:
+                phrase, sound = books(r)
+                lines.append(f"{backend} ({scenario}) books: {phrase}: {'sound' if sound else 'FAILED'}")
         # The throughput target: the highest rate achieved with no error, in (a) or any step of (e).
         clean = [a["achieved_rate"]] if not a["errors"] else []
         e = report(f"{backend}-e.json")
@@ -84,28 +113,22 @@ def main():
         )
         c = report(f"{backend}-c.json")
         if c is not None and argon2:
-            share = c["achieved_rate"] / argon2
+            share = of(c["achieved_rate"], argon2)
             lines.append(
                 f"{backend} (c) card + PIN: {c['achieved_rate']:,.1f}/s = {share:.0%} of argon2's "
                 f"{argon2:,.1f}/s (target >= 80%): {verdict(share >= 0.8)}"
             )
         d = report(f"{backend}-d.json")
         if d is not None:
-            share = d["achieved_rate"] / a["achieved_rate"]
-            audit = d.get("audit")
-            books = (
-                f"audit of the {audit['accounts']:,} hot accounts: {audit['negative']} negative, "
-                f"{audit['mismatched']} not matching what was drawn"
-                if audit else "not audited"
-            )
-            sound = audit is not None and audit["negative"] == 0 and audit["mismatched"] == 0 and audit["unresolved"] == 0
+            share = of(d["achieved_rate"], a["achieved_rate"])
+            phrase, sound = books(d)
             lines.append(
                 f"{backend} (d) hot accounts: {d['achieved_rate']:,.0f}/s = {share:.0%} of (a), {errors(d)}; "
-                f"{books} (target >= 50%, never negative): {verdict(share >= 0.5 and sound)}"
+                f"{phrase} (target >= 50%, never negative): {verdict(share >= 0.5 and sound)}"
             )
         f = report(f"{backend}-f.json")
         if f is not None:
-            share = f["achieved_rate"] / a["achieved_rate"]
+            share = of(f["achieved_rate"], a["achieved_rate"])
             lines.append(
                 f"{backend} (f) 10M-account population: {f['achieved_rate']:,.0f}/s = {share:.1%} of (a), "
                 f"{errors(f)}{cpu(f, a)} (target >= 90%): {verdict(share >= 0.9)}"
@@ -114,7 +137,7 @@ def main():
             for clients in (16, 1):
                 tps = pgbench(clients)
                 if tps:
-                    ratio = a["achieved_rate"] / tps
+                    ratio = of(a["achieved_rate"], tps)
                     target = f"(target >= 2x): {verdict(ratio >= 2)}" if clients == 16 else "(context: one connection, as the committer)"
                     lines.append(
                         f"{backend} group commit: (a) {a['achieved_rate']:,.0f}/s / pgbench one-row commits at "

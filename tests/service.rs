@@ -229,14 +229,16 @@ async fn a_bench_run_audits_the_books_of_its_hot_accounts(backend: Backend) {
     assert!(audit.settlements > 0);
     assert_eq!(audit.drawn, Money::from_fen(123 * audit.settlements as i64).to_string());
 
-    // An operator's credit of 0.01 to one hot account is not the run's: it mismatches. A payment on
-    // the other, answered with an error as far as the run knows, is found by its request id.
+    // An operator's credit of 0.01 to the second hot account is not the run's: it mismatches. A
+    // payment on the first, answered with an error as far as the run knows, is found by its request
+    // id; a request the gateway never saw is found to have paid nothing.
     let key = &population.institution_key;
     let books = audit::Books::open(&gw.channel, key, &population).await.unwrap();
     gw.credit(&hot[1], "0.01").await;
     let paid = gw.settle(key, settle_request("audit1-late", &hot[0], "2.50")).await.expect("settles");
     let mut drawn = audit::Drawn::default();
     books.record(&mut drawn, &hot[0], "audit1-late", None);
+    books.record(&mut drawn, &hot[0], "audit1-never-sent", None);
     let audit = books.close(&gw.channel, key, drawn).await.unwrap();
     assert!(!audit.passed());
     assert_eq!((audit.mismatched, audit.settled_despite_error, audit.unresolved), (1, 1, 0));

@@ -220,7 +220,8 @@ async fn step_up(
         let scenario = format!("{}@{rate:.0}", args.load.scenario);
         let report = loadgen::run(&scenario, &options, population).await?;
         println!("{}", report.summary_line());
-        let met = report.errors.is_empty() && report.p99_ms <= args.p99_target_ms;
+        let books_ok = report.audit.as_ref().is_none_or(|audit| audit.passed());
+        let met = report.errors.is_empty() && report.p99_ms <= args.p99_target_ms && books_ok;
         reports.push(report);
         if !met {
             break;

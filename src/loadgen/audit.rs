@@ -15,6 +15,13 @@ use tonic::transport::Channel;
 
 /// Reads in flight while opening and closing the books.
 const CONCURRENCY: usize = 64;
+/// How long the books wait for the audited accounts to have no hold open, before the first read
+/// and before looking requests up: a payment whose caller gave up may still commit until its hold's
+/// lease ends (30 s by default) and the sweeper's grace after it (5 s), so "not found" is final
+/// only once no hold is left.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+/// Between two reads while waiting.
+const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The audited accounts and their balances before the run.
 pub struct Books {
@@ -30,7 +37,7 @@ pub struct Drawn {
     by_owner: HashMap<String, Money>,
     settlements: u64,
     /// Request ids of the watched payers' requests answered with an error, to look up afterwards.
-    unanswered: Vec<String>,
+    errored: Vec<String>,
 }
 
 /// What the ledger holds for a request answered with an error.
@@ -56,8 +63,10 @@ pub struct AuditReport {
     /// Accounts whose balance did not fall by exactly what was drawn from them.
     pub mismatched: u64,
     pub negative: u64,
-    /// Accounts with a hold still open after the run (balance above available): not an error by
-    /// itself (a hold whose payment was given up waits for its lease to end), but shown.
+    /// Accounts whose available amount is still below their balance after waiting `SETTLE_WAIT`
+    /// for every payment in flight to end. Shown, not failed: it is a hold not yet released, or a
+    /// cached balance below the ledger's (allowed: the cache may understate, never overstate), and
+    /// either way the balance compared above is the ledger's.
     pub holds_open: u64,
     /// The first few mismatches, each "<psn_no>: before B, drawn D, after A".
     pub examples: Vec<String>,
@@ -73,15 +82,19 @@ impl AuditReport {
             "balances match".to_string()
         } else {
             format!(
-                "FAILED: {} mismatched, {} negative, {} unresolved {}",
+                "FAILED: {} mismatched, {} negative, {} unresolved{}",
                 self.mismatched,
                 self.negative,
                 self.unresolved,
-                self.examples.join("; ")
+                if self.examples.is_empty() { String::new() } else { format!("; e.g. {}", self.examples.join("; ")) }
             )
         };
+        let holds = match self.holds_open {
+            0 => String::new(),
+            open => format!(", {open} with less available than their balance"),
+        };
         format!(
-            "audit: {} accounts, {} settlements on them ({} despite an error), {} drawn: {verdict}",
+            "audit: {} accounts, {} settlements on them ({} despite an error), {} drawn{holds}: {verdict}",
             self.accounts, self.settlements, self.settled_despite_error, self.drawn
         )
     }
@@ -95,8 +108,9 @@ fn auth<T>(message: T, key: &str) -> tonic::Request<T> {
     request
 }
 
+/// An amount as the gateway wrote it, any sign (a negative balance must be counted, not refused).
 fn money(field: &str, text: &str) -> Result<Money, String> {
-    Money::parse(text).map_err(|_| format!("the gateway answered {field} {text:?}, not an amount"))
+    Money::from_ledger_text(text).ok_or_else(|| format!("the gateway answered {field} {text:?}, not an amount"))
 }
 
 /// Runs `read` over `items`, `CONCURRENCY` at a time, and returns each item's answer.
@@ -144,12 +158,29 @@ async fn balances(
     Ok(answers.into_iter().collect())
 }
 
+/// The accounts' balances once none has a hold open, or as they are after `SETTLE_WAIT`.
+async fn settled_balances(
+    channel: &Channel,
+    key: &str,
+    psn_nos: &[String],
+) -> Result<HashMap<String, (Money, Money)>, String> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    loop {
+        let read = balances(channel, key, psn_nos.to_vec()).await?;
+        let open = read.values().any(|(balance, available)| balance != available);
+        if !open || tokio::time::Instant::now() >= deadline {
+            return Ok(read);
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
+
 impl Books {
-    /// Reads the hottest 1% of `population`'s accounts (at least one) before the run.
+    /// Reads the population's hot accounts before the run, once no payment is in flight on them
+    /// (an earlier run's, say). The population must be this run's alone while it runs.
     pub async fn open(channel: &Channel, key: &str, population: &Population) -> Result<Books, String> {
-        let hot = (population.payers.len() / 100).max(1).min(population.payers.len());
-        let audited: Vec<String> = population.payers[..hot].to_vec();
-        let before = balances(channel, key, audited.clone())
+        let audited: Vec<String> = population.hot_payers().to_vec();
+        let before = settled_balances(channel, key, &audited)
             .await?
             .into_iter()
             .map(|(psn_no, (balance, _))| (psn_no, balance))
@@ -164,7 +195,7 @@ impl Books {
     pub fn record(&self, drawn: &mut Drawn, psn_no: &str, request_id: &str, answer: Option<&pb::Settlement>) {
         match answer {
             Some(settlement) => self.add(drawn, settlement),
-            None if self.watched.contains(psn_no) => drawn.unanswered.push(request_id.to_string()),
+            None if self.watched.contains(psn_no) => drawn.errored.push(request_id.to_string()),
             None => {}
         }
     }
@@ -174,7 +205,7 @@ impl Books {
         for debit in &settlement.debits {
             if self.before.contains_key(&debit.owner_psn_no) {
                 // An unreadable amount counts as nothing drawn: the account will then mismatch.
-                let amount = Money::parse(&debit.amount).unwrap_or(Money::ZERO);
+                let amount = Money::from_ledger_text(&debit.amount).unwrap_or(Money::ZERO);
                 let total = drawn.by_owner.entry(debit.owner_psn_no.clone()).or_insert(Money::ZERO);
                 *total = total.checked_add(amount).unwrap_or(*total);
                 touched = true;
@@ -183,10 +214,13 @@ impl Books {
         drawn.settlements += u64::from(touched);
     }
 
-    /// Looks up the requests answered with an error, reads the balances again and compares.
+    /// Waits for every payment in flight on the audited accounts to end, looks up the requests
+    /// answered with an error, reads the balances again and compares.
     pub async fn close(&self, channel: &Channel, key: &str, mut drawn: Drawn) -> Result<AuditReport, String> {
-        let unanswered = std::mem::take(&mut drawn.unanswered);
-        let found = read_all(unanswered, |request_id| {
+        let audited: Vec<String> = self.before.keys().cloned().collect();
+        settled_balances(channel, key, &audited).await?;
+        let errored = std::mem::take(&mut drawn.errored);
+        let found = read_all(errored, |request_id| {
             let mut settlements = pb::settlement_service_client::SettlementServiceClient::new(channel.clone());
             let request = auth(
                 pb::GetSettlementRequest { key: Some(pb::get_settlement_request::Key::RequestId(request_id)) },
@@ -214,7 +248,7 @@ impl Books {
                 Lookup::Unresolved => unresolved += 1,
             }
         }
-        let after = balances(channel, key, self.before.keys().cloned().collect()).await?;
+        let after = balances(channel, key, audited).await?;
         let mut report = AuditReport {
             accounts: self.before.len(),
             settlements: drawn.settlements,
@@ -279,6 +313,6 @@ mod tests {
         assert_eq!(drawn.by_owner["H1"].to_string(), "1.93");
         assert!(!drawn.by_owner.contains_key("C9"), "an account not audited is not counted");
         assert_eq!(drawn.settlements, 2);
-        assert_eq!(drawn.unanswered, vec!["r4".to_string()], "errors on payers that cannot touch H1 are not looked up");
+        assert_eq!(drawn.errored, vec!["r4".to_string()], "errors on payers that cannot touch H1 are not looked up");
     }
 }

@@ -70,6 +70,9 @@ pub struct Report {
     pub cpu_ms_per_ok: Option<f64>,
     /// The machine's busy share of its CPU time over the same window, in percent.
     pub machine_busy_percent: Option<f64>,
+    /// The share a hypervisor took from the machine's virtual cores over the same window, in
+    /// percent: a run with much stolen had fewer cores than it seems.
+    pub machine_stolen_percent: Option<f64>,
     /// How late the generator sent against its schedule (p99 and max, ms). Part of every latency
     /// above; large only when the machine starves the generator itself.
     pub sent_late_p99_ms: f64,
@@ -82,8 +85,10 @@ pub struct Report {
 impl Report {
     pub fn summary_line(&self) -> String {
         let errors: Vec<String> = self.errors.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
-        let cpu = match (self.cpu_ms_per_ok, self.machine_busy_percent) {
-            (Some(per_ok), Some(busy)) => format!(" cpu {per_ok:.3} ms/ok (machine {busy:.0}% busy)"),
+        let cpu = match (self.cpu_ms_per_ok, self.machine_busy_percent, self.machine_stolen_percent) {
+            (Some(per_ok), Some(busy), Some(stolen)) => {
+                format!(" cpu {per_ok:.3} ms/ok (machine {busy:.0}% busy, {stolen:.0}% stolen)")
+            }
             _ => String::new(),
         };
         let audit = self.audit.as_ref().map(|audit| format!(" {}", audit.summary())).unwrap_or_default();
@@ -106,28 +111,51 @@ impl Report {
     }
 }
 
-/// CPU time of the whole machine so far, in clock ticks: (busy, all) summed over its cores, and
-/// the number of cores (/proc/stat). Busy is user + nice + system + irq + softirq; idle, I/O wait
-/// and time stolen by a hypervisor are not.
-fn machine_ticks() -> Option<(u64, u64, usize)> {
+/// CPU time of the whole machine so far, in clock ticks summed over its cores (/proc/stat). Busy
+/// is user + nice + system + irq + softirq; idle, I/O wait and stolen are not; stolen is time the
+/// hypervisor gave the virtual cores to someone else while they had work.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ticks {
+    busy: u64,
+    stolen: u64,
+    all: u64,
+    cores: usize,
+}
+
+fn machine_ticks() -> Option<Ticks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let mut lines = stat.lines();
     let fields: Vec<u64> =
         lines.next()?.strip_prefix("cpu ")?.split_whitespace().map(|f| f.parse().ok()).collect::<Option<_>>()?;
     let field = |i: usize| fields.get(i).copied().unwrap_or(0);
     let busy = field(0) + field(1) + field(2) + field(5) + field(6);
-    let all = busy + field(3) + field(4) + field(7);
+    let stolen = field(7);
+    let all = busy + field(3) + field(4) + stolen;
     let cores = lines.filter(|line| line.starts_with("cpu")).count();
-    Some((busy, all, cores))
+    Some(Ticks { busy, stolen, all, cores })
 }
 
-/// CPU time the machine spent between two `machine_ticks` readings `wall` apart, in ms, and its
-/// busy share in percent. Ticks are counted in a unit /proc/stat does not name, so the busy share
-/// of all ticks is scaled by the cores' wall time.
-fn machine_cpu_ms(before: (u64, u64, usize), after: (u64, u64, usize), wall: Duration) -> Option<(f64, f64)> {
-    let busy = after.0.checked_sub(before.0)? as f64;
-    let all = after.1.checked_sub(before.1)? as f64;
-    (all > 0.0).then(|| (busy / all * after.2 as f64 * wall.as_secs_f64() * 1000.0, busy / all * 100.0))
+/// What the machine did between two `machine_ticks` readings `wall` apart.
+#[derive(Debug, PartialEq)]
+struct MachineCpu {
+    /// Busy CPU time, ms.
+    busy_ms: f64,
+    /// Busy and stolen shares of all CPU time, percent.
+    busy_percent: f64,
+    stolen_percent: f64,
+}
+
+/// Ticks are counted in a unit /proc/stat does not name, so the busy share of all ticks is scaled
+/// by the cores' wall time. `None` when no tick passed or the counters went back.
+fn machine_cpu(before: Ticks, after: Ticks, wall: Duration) -> Option<MachineCpu> {
+    let busy = after.busy.checked_sub(before.busy)? as f64;
+    let stolen = after.stolen.checked_sub(before.stolen)? as f64;
+    let all = after.all.checked_sub(before.all)? as f64;
+    (all > 0.0).then(|| MachineCpu {
+        busy_ms: busy / all * after.cores as f64 * wall.as_secs_f64() * 1000.0,
+        busy_percent: busy / all * 100.0,
+        stolen_percent: stolen / all * 100.0,
+    })
 }
 
 struct Tally {
@@ -256,8 +284,7 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         }
     });
     while tasks.join_next().await.is_some() {}
-    let cpu =
-        cpu_before.zip(machine_ticks()).and_then(|(before, after)| machine_cpu_ms(before, after, started.elapsed()));
+    let cpu = cpu_before.zip(machine_ticks()).and_then(|(before, after)| machine_cpu(before, after, started.elapsed()));
     let drawn = std::mem::take(&mut tally.lock().unwrap().drawn);
     let audit = match books {
         Some(books) => Some(books.close(&channels[0], &key, drawn).await?),
@@ -281,8 +308,9 @@ pub async fn run(scenario: &str, options: &LoadOptions, population: &Population)
         max_ms: tally.histogram.max() as f64 / 1000.0,
         duration_s: elapsed,
         connections: channels.len(),
-        cpu_ms_per_ok: cpu.filter(|_| tally.ok > 0).map(|(ms, _)| ms / tally.ok as f64),
-        machine_busy_percent: cpu.map(|(_, busy)| busy),
+        cpu_ms_per_ok: cpu.as_ref().filter(|_| tally.ok > 0).map(|cpu| cpu.busy_ms / tally.ok as f64),
+        machine_busy_percent: cpu.as_ref().map(|cpu| cpu.busy_percent),
+        machine_stolen_percent: cpu.as_ref().map(|cpu| cpu.stolen_percent),
         sent_late_p99_ms: late.value_at_quantile(0.99) as f64 / 1000.0,
         sent_late_max_ms: late.max() as f64 / 1000.0,
         audit,
@@ -295,17 +323,24 @@ mod tests {
 
     #[test]
     fn machine_cpu_is_the_busy_share_of_the_cores_wall_time() {
-        // Two cores for half a second: 150 of 200 ticks busy is 75% of 1,000 ms of core time.
-        let (ms, busy) = machine_cpu_ms((100, 400, 2), (250, 600, 2), Duration::from_millis(500)).unwrap();
-        assert_eq!((ms, busy), (750.0, 75.0));
-        assert_eq!(machine_cpu_ms((100, 400, 2), (100, 400, 2), Duration::from_secs(1)), None, "no ticks");
-        assert_eq!(machine_cpu_ms((100, 400, 2), (90, 500, 2), Duration::from_secs(1)), None, "counters went back");
+        // Two cores for half a second: 150 of 200 ticks busy is 75% of 1,000 ms of core time; 20
+        // of them stolen is 10%.
+        let before = Ticks { busy: 100, stolen: 30, all: 400, cores: 2 };
+        let after = Ticks { busy: 250, stolen: 50, all: 600, cores: 2 };
+        let cpu = machine_cpu(before, after, Duration::from_millis(500)).unwrap();
+        assert_eq!(cpu, MachineCpu { busy_ms: 750.0, busy_percent: 75.0, stolen_percent: 10.0 });
+        assert_eq!(machine_cpu(before, before, Duration::from_secs(1)), None, "no ticks");
+        let back = Ticks { busy: 90, all: 500, ..before };
+        assert_eq!(machine_cpu(before, back, Duration::from_secs(1)), None, "counters went back");
     }
 
     #[test]
     #[cfg(target_os = "linux")]
     fn machine_ticks_reads_this_machine() {
-        let (busy, all, cores) = machine_ticks().expect("/proc/stat read");
-        assert!(busy > 0 && busy <= all && cores >= 1, "busy {busy} of {all} ticks on {cores} cores");
+        let Ticks { busy, stolen, all, cores } = machine_ticks().expect("/proc/stat read");
+        assert!(
+            busy > 0 && busy + stolen <= all && cores >= 1,
+            "busy {busy}, stolen {stolen} of {all} ticks on {cores} cores"
+        );
     }
 }

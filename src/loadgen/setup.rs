@@ -24,6 +24,13 @@ pub struct Population {
 }
 
 impl Population {
+    /// The hottest 1% of the funded accounts (at least one when there are any): where
+    /// `LoadOptions::hot_share` of the traffic goes, and what `--audit` checks.
+    pub fn hot_payers(&self) -> &[String] {
+        let hot = (self.payers.len() / 100).max(1).min(self.payers.len());
+        &self.payers[..hot]
+    }
+
     /// The n-th request of a run, drawn by the scenario's shares.
     pub fn request(&self, options: &LoadOptions, mix: &mut Mix, n: u64) -> pb::SettleRequest {
         let pick = mix.unit();
@@ -32,8 +39,8 @@ impl Population {
         } else if pick < options.pin_share + options.family_share && !self.family_payers.is_empty() {
             (&self.family_payers[mix.below(self.family_payers.len())], false)
         } else if mix.unit() < options.hot_share {
-            let hot = (self.payers.len() / 100).max(1);
-            (&self.payers[mix.below(hot)], false)
+            let hot = self.hot_payers();
+            (&hot[mix.below(hot.len())], false)
         } else {
             (&self.payers[mix.below(self.payers.len())], false)
         };
