@@ -11,7 +11,8 @@
 # Scenarios (SCENARIOS, default all): a e-voucher self only, b 30% family, c card + PIN (at PIN_RATE,
 # default 90% of the argon2 baseline, or 90/s without baselines), d hot
 # accounts (a, b and d audit the books of the hottest 1% of accounts after the run, `--audit`; a
-# failed audit is reported, the rest still runs, and the script exits non-zero), e rate stepped up until p99 > 20 ms or errors, f scenario a on LARGE_ACCOUNTS accounts
+# load run that fails, by its audit or otherwise, is reported, the rest still runs, and the script
+# exits non-zero), e rate stepped up until p99 > 20 ms or errors, f scenario a on LARGE_ACCOUNTS accounts
 # loaded by `yibao bench population` + `yibao admin import`, with Redis memory per cached account;
 # g the monthly crediting run (`yibao admin credit`) over CREDIT_ACCOUNTS accounts (default 1M, plus
 # a tenth as many family payers) with a paid contribution each, in a ledger of their own, then the
@@ -145,7 +146,7 @@ run_large() {
     --families "$pop/families.csv" $ledger_args | tee "$OUT/$name-f-import.txt"
   # shellcheck disable=SC2086
   start_gateway "$name-large" $ledger_args $redis_args
-  $Y bench run --server "$server" --accounts "$LARGE_ACCOUNTS" --prefix BL --imported --connections "$CONNECTIONS" \
+  keep_going $Y bench run --server "$server" --accounts "$LARGE_ACCOUNTS" --prefix BL --imported --connections "$CONNECTIONS" \
     --seconds "$RUN_SECONDS" --rate "$RATE" --scenario "$name-f-large" --json "$OUT/$name-f.json"
   if [ -n "$redis_args" ]; then
     # Memory of one cached account (its balance hash), averaged over a sample of the accounts the run touched.
@@ -195,10 +196,10 @@ run_credit() {
   kill "$gw"; wait "$gw" 2>/dev/null || true
 }
 
-# A run whose audit failed (or that failed otherwise) is reported and the script goes on, so that
-# the other backend and the summary still run; the script then exits non-zero.
+# A load run that fails (its audit, or otherwise) is reported and the script goes on, so that the
+# other backend and the summary still run; the script then exits non-zero.
 failed=0
-audited() { "$@" || { echo "FAILED (exit $?): ${*: -1}" >&2; failed=1; }; }
+keep_going() { "$@" || { echo "FAILED (exit $?): ${*: -1}" >&2; failed=1; }; }
 
 run_backend() {
   local name=$1 ledger_args=$2 redis_args=$3
@@ -206,12 +207,12 @@ run_backend() {
   start_gateway "$name" $ledger_args $redis_args
   local base=(--server "$server" --accounts "$ACCOUNTS" --prefix BN --connections "$CONNECTIONS")
   echo "== $name"
-  if has a; then audited $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --audit --scenario "$name-a-evoucher" --json "$OUT/$name-a.json"; fi
-  if has b; then audited $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --family-share 0.3 --audit --scenario "$name-b-family" --json "$OUT/$name-b.json"; fi
-  if has c; then $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$PIN_RATE" --pin-share 1.0 --scenario "$name-c-pin" --json "$OUT/$name-c.json"; fi
-  if has d; then audited $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --hot-share 0.5 --audit --scenario "$name-d-hot" --json "$OUT/$name-d.json"; fi
+  if has a; then keep_going $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --audit --scenario "$name-a-evoucher" --json "$OUT/$name-a.json"; fi
+  if has b; then keep_going $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --family-share 0.3 --audit --scenario "$name-b-family" --json "$OUT/$name-b.json"; fi
+  if has c; then keep_going $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$PIN_RATE" --pin-share 1.0 --scenario "$name-c-pin" --json "$OUT/$name-c.json"; fi
+  if has d; then keep_going $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --rate "$RATE" --hot-share 0.5 --audit --scenario "$name-d-hot" --json "$OUT/$name-d.json"; fi
   if has e; then
-    $Y bench run "${base[@]}" --seconds "$STEP_SECONDS" --rate "$STEP_FROM" --step-by "$STEP_BY" --step-to "$STEP_TO" \
+    keep_going $Y bench run "${base[@]}" --seconds "$STEP_SECONDS" --rate "$STEP_FROM" --step-by "$STEP_BY" --step-to "$STEP_TO" \
       --p99-target-ms 20 --scenario "$name-e-step" --json "$OUT/$name-e.json"
   fi
   kill "$gw"; wait "$gw" 2>/dev/null || true

@@ -200,7 +200,8 @@ async fn a_bench_run_audits_the_books_of_its_hot_accounts(backend: Backend) {
     use yibao::loadgen::{self, audit, LoadOptions};
     let gw = TestGateway::start_with(backend).await;
     let population = loadgen::setup(gw.channel.clone(), OPERATOR_KEY, "AU", 200, "audit1", false).await.unwrap();
-    let hot = &population.payers[..2];
+    let hot = population.hot_payers();
+    assert_eq!(hot, &population.payers[..2], "the hottest 1% of 200 funded accounts");
     let options = LoadOptions {
         server: gw.server.clone(),
         rate: 100.0,

@@ -17,8 +17,9 @@ use tonic::transport::Channel;
 const CONCURRENCY: usize = 64;
 /// How long the books wait for the audited accounts to have no hold open, before the first read
 /// and before looking requests up: a payment whose caller gave up may still commit until its hold's
-/// lease ends (30 s by default) and the sweeper's grace after it (5 s), so "not found" is final
-/// only once no hold is left.
+/// lease ends (30 s by default, `hold_lease_ms`) and the sweeper's grace after it (5 s), so "not
+/// found" is final only once no hold is left; when one still is after this wait, every request
+/// not found counts as unresolved. (A gateway run with a longer lease needs a longer wait.)
 const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 /// Between two reads while waiting.
 const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
@@ -158,18 +159,18 @@ async fn balances(
     Ok(answers.into_iter().collect())
 }
 
-/// The accounts' balances once none has a hold open, or as they are after `SETTLE_WAIT`.
-async fn settled_balances(
-    channel: &Channel,
-    key: &str,
-    psn_nos: &[String],
-) -> Result<HashMap<String, (Money, Money)>, String> {
+/// Waits until none of the accounts has a hold open, for at most `SETTLE_WAIT`; false if one still
+/// has (or shows less available than its balance for another reason: a cached balance below the
+/// ledger's, or a negative balance, whose available amount reads 0.00).
+async fn wait_for_no_hold(channel: &Channel, key: &str, psn_nos: &[String]) -> Result<bool, String> {
     let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
     loop {
         let read = balances(channel, key, psn_nos.to_vec()).await?;
-        let open = read.values().any(|(balance, available)| balance != available);
-        if !open || tokio::time::Instant::now() >= deadline {
-            return Ok(read);
+        if read.values().all(|(balance, available)| balance == available) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
         }
         tokio::time::sleep(SETTLE_POLL).await;
     }
@@ -180,7 +181,8 @@ impl Books {
     /// (an earlier run's, say). The population must be this run's alone while it runs.
     pub async fn open(channel: &Channel, key: &str, population: &Population) -> Result<Books, String> {
         let audited: Vec<String> = population.hot_payers().to_vec();
-        let before = settled_balances(channel, key, &audited)
+        wait_for_no_hold(channel, key, &audited).await?;
+        let before = balances(channel, key, audited.clone())
             .await?
             .into_iter()
             .map(|(psn_no, (balance, _))| (psn_no, balance))
@@ -218,7 +220,8 @@ impl Books {
     /// answered with an error, reads the balances again and compares.
     pub async fn close(&self, channel: &Channel, key: &str, mut drawn: Drawn) -> Result<AuditReport, String> {
         let audited: Vec<String> = self.before.keys().cloned().collect();
-        settled_balances(channel, key, &audited).await?;
+        // Until every hold has ended, a request not found may still commit: not final.
+        let quiet = wait_for_no_hold(channel, key, &audited).await?;
         let errored = std::mem::take(&mut drawn.errored);
         let found = read_all(errored, |request_id| {
             let mut settlements = pb::settlement_service_client::SettlementServiceClient::new(channel.clone());
@@ -244,7 +247,8 @@ impl Books {
                     settled_despite_error += 1;
                     self.add(&mut drawn, &settlement);
                 }
-                Lookup::NotPaid => {}
+                Lookup::NotPaid if quiet => {}
+                Lookup::NotPaid => unresolved += 1,
                 Lookup::Unresolved => unresolved += 1,
             }
         }
