@@ -19,10 +19,12 @@
 # same run again (it must credit nothing).
 #
 # COMPARE (two or more yibao binaries): instead of the scenarios, each binary in turn serves scenario
-# (a) on PostgreSQL + Redis at RATE, alternated PAIRS times (default 3), each run on a fresh database
-# of COMPARE_ACCOUNTS accounts (default 20,000) after a 5 s warm-up; the load comes from this
-# checkout's build. Compare the summary lines' machine CPU per settlement ("cpu … ms/ok"): unlike a
-# rate it hardly moves with a noisy hour's spare capacity. (How BENCHMARKS.md's A/Bs are run.)
+# (a) on PostgreSQL + Redis (COMPARE_BACKEND=embedded: on the embedded default) at RATE, alternated
+# PAIRS times (default 3), each run on a fresh database of COMPARE_ACCOUNTS accounts (default
+# 20,000) after a 5 s warm-up; the load comes from this checkout's build. Compare the summary lines'
+# machine CPU per settlement ("cpu … ms/ok"): unlike a rate it hardly moves with a noisy hour's
+# spare capacity. With THREAD_CPU=1, the gateway's CPU and context switches per thread name over
+# 10 s of each run as well (scripts/thread_cpu.py; SECONDS_PER_RUN of 15 or more). (How BENCHMARKS.md's A/Bs are run.)
 #
 # Needs redis-server and PostgreSQL binaries (scripts/test.sh installs them) and pgbench.
 set -euo pipefail
@@ -121,15 +123,27 @@ if [ ${#compare[@]} -gt 0 ]; then
     if [ $((pair % 2)) = 0 ]; then order=($(printf '%s\n' "${order[@]}" | sort -rn)); fi
     for i in "${order[@]}"; do
       db="compare_${pair}_$i"
-      psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE $db" postgres
-      redis-cli -p "$redis_port" flushall >/dev/null
-      GATEWAY=${compare[$i]} start_gateway "$db" --ledger-url "postgres://postgres@127.0.0.1:$pg_port/$db" \
-        --redis-url "redis://127.0.0.1:$redis_port/0"
+      if [ "${COMPARE_BACKEND:-postgres-redis}" = embedded ]; then
+        GATEWAY=${compare[$i]} start_gateway "$db" --data-dir "$work/$db"
+      else
+        psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE $db" postgres
+        redis-cli -p "$redis_port" flushall >/dev/null
+        GATEWAY=${compare[$i]} start_gateway "$db" --ledger-url "postgres://postgres@127.0.0.1:$pg_port/$db" \
+          --redis-url "redis://127.0.0.1:$redis_port/0"
+      fi
       base=(--server "$server" --accounts "${COMPARE_ACCOUNTS:-20000}" --prefix BA --connections "$CONNECTIONS" --rate "$RATE")
       $Y bench run "${base[@]}" --seconds 5 --scenario warm-up >/dev/null
-      $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --scenario "${compare[$i]} (run $pair)" --json "$OUT/$db.json"
+      threads=""
+      if [ -n "${THREAD_CPU:-}" ]; then
+        python3 scripts/thread_cpu.py "$gw" 10 --after "$work/$db.err" >"$OUT/$db-threads.txt" & threads=$!
+      fi
+      $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --scenario "${compare[$i]} (run $pair)" --json "$OUT/$db.json" \
+        2> >(tee "$work/$db.err" >&2)
+      if [ -n "$threads" ]; then wait "$threads"; sed 's/^/  gateway /' "$OUT/$db-threads.txt"; fi
       kill "$gw"; wait "$gw" 2>/dev/null || true
-      psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "DROP DATABASE $db" postgres
+      if [ "${COMPARE_BACKEND:-postgres-redis}" = embedded ]; then rm -rf "$work/$db"; else
+        psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "DROP DATABASE $db" postgres
+      fi
     done
   done
   exit 0

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""CPU time and context switches of one process over a window, per thread name.
+
+    scripts/thread_cpu.py PID SECONDS [--after FILE]
+
+Reads /proc/PID/task/*/{comm,stat,status} at the start and the end of the window and prints, per
+thread name (threads of the same name added up), the CPU seconds used and the voluntary and
+involuntary context switches. With --after, the window starts 3 s after FILE (a load generator's
+stderr) shows its set-up finished (`PINs: N/N`), so that the set-up's calls are not counted (the
+run must last at least 13 s more).
+How BENCHMARKS.md splits the embedded gateway's CPU between its threads.
+"""
+import os
+import re
+import sys
+import time
+
+
+def snapshot(pid):
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        voluntary = int(status["voluntary_ctxt_switches"])
+        involuntary = int(status["nonvoluntary_ctxt_switches"])
+        threads[tid] = (name, ticks, voluntary, involuntary)
+    return threads
+
+
+def main():
+    args = sys.argv[1:]
+    after = None
+    if "--after" in args:
+        at = args.index("--after")
+        after = args[at + 1]
+        del args[at : at + 2]
+    if len(args) != 2:
+        sys.exit(__doc__)
+    pid, seconds = args[0], float(args[1])
+    if after:
+        done = re.compile(r"PINs: (\d+)/\1(?!\d)")
+        give_up = time.monotonic() + 900
+        while not (os.path.exists(after) and done.search(open(after, errors="replace").read())):
+            if time.monotonic() > give_up:
+                sys.exit(f"{after} never showed the set-up finished")
+            time.sleep(0.2)
+        time.sleep(3)
+    before = snapshot(pid)
+    time.sleep(seconds)
+    end = snapshot(pid)
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {}
+    for tid, (name, ticks, voluntary, involuntary) in end.items():
+        _, ticks0, voluntary0, involuntary0 = before.get(tid, (name, 0, 0, 0))
+        total = totals.setdefault(name, [0, 0, 0, 0])
+        total[0] += 1
+        total[1] += ticks - ticks0
+        total[2] += voluntary - voluntary0
+        total[3] += involuntary - involuntary0
+    print(f"over {seconds:g} s:")
+    for name, (count, ticks, voluntary, involuntary) in sorted(totals.items(), key=lambda t: -t[1][1]):
+        print(f"  {name:18s} {count:3d} threads  cpu {ticks / tick:6.2f} s  "
+              f"switches: voluntary {voluntary:7d}, involuntary {involuntary:6d}")
+    print(f"  {'all':18s} {len(end):3d} threads  cpu {sum(t[1] for t in totals.values()) / tick:6.2f} s")
+
+
+if __name__ == "__main__":
+    main()
