@@ -52,6 +52,13 @@ STEP_TO=${STEP_TO:-6000}
 STEP_SECONDS=${STEP_SECONDS:-10}
 LARGE_ACCOUNTS=${LARGE_ACCOUNTS:-10000000}
 CREDIT_ACCOUNTS=${CREDIT_ACCOUNTS:-1000000}
+case "${COMPARE_BACKEND:=postgres-redis}" in
+  embedded | postgres-redis) ;;
+  *) echo "COMPARE_BACKEND: embedded or postgres-redis, not $COMPARE_BACKEND" >&2; exit 1 ;;
+esac
+if [ ${#compare[@]} -gt 0 ] && [ -n "${THREAD_CPU:-}" ] && [ "$RUN_SECONDS" -lt 15 ]; then
+  echo "THREAD_CPU measures 10 s from 3 s into each run: SECONDS_PER_RUN must be 15 or more" >&2; exit 1
+fi
 export YIBAO_OPERATOR_KEY=bench-operator-key-0123456789
 export YIBAO_PIN_PEPPER=bench-pepper
 work=$(mktemp -d)
@@ -123,7 +130,7 @@ if [ ${#compare[@]} -gt 0 ]; then
     if [ $((pair % 2)) = 0 ]; then order=($(printf '%s\n' "${order[@]}" | sort -rn)); fi
     for i in "${order[@]}"; do
       db="compare_${pair}_$i"
-      if [ "${COMPARE_BACKEND:-postgres-redis}" = embedded ]; then
+      if [ "$COMPARE_BACKEND" = embedded ]; then
         GATEWAY=${compare[$i]} start_gateway "$db" --data-dir "$work/$db"
       else
         psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE $db" postgres
@@ -133,15 +140,18 @@ if [ ${#compare[@]} -gt 0 ]; then
       fi
       base=(--server "$server" --accounts "${COMPARE_ACCOUNTS:-20000}" --prefix BA --connections "$CONNECTIONS" --rate "$RATE")
       $Y bench run "${base[@]}" --seconds 5 --scenario warm-up >/dev/null
-      threads=""
+      run=(--seconds "$RUN_SECONDS" --scenario "${compare[$i]} (run $pair)" --json "$OUT/$db.json")
       if [ -n "${THREAD_CPU:-}" ]; then
+        # The gateway's threads over 10 s of the load, once the run's set-up is done (its stderr says).
         python3 scripts/thread_cpu.py "$gw" 10 --after "$work/$db.err" >"$OUT/$db-threads.txt" & threads=$!
+        pids+=($threads)
+        $Y bench run "${base[@]}" "${run[@]}" 2> >(tee "$work/$db.err" >&2)
+        if wait "$threads"; then sed 's/^/  gateway /' "$OUT/$db-threads.txt"; else echo "thread_cpu.py failed for $db" >&2; fi
+      else
+        $Y bench run "${base[@]}" "${run[@]}"
       fi
-      $Y bench run "${base[@]}" --seconds "$RUN_SECONDS" --scenario "${compare[$i]} (run $pair)" --json "$OUT/$db.json" \
-        2> >(tee "$work/$db.err" >&2)
-      if [ -n "$threads" ]; then wait "$threads"; sed 's/^/  gateway /' "$OUT/$db-threads.txt"; fi
       kill "$gw"; wait "$gw" 2>/dev/null || true
-      if [ "${COMPARE_BACKEND:-postgres-redis}" = embedded ]; then rm -rf "$work/$db"; else
+      if [ "$COMPARE_BACKEND" = embedded ]; then rm -rf "$work/$db"; else
         psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "DROP DATABASE $db" postgres
       fi
     done

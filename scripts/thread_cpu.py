@@ -8,7 +8,8 @@ thread name (threads of the same name added up), the CPU seconds used and the vo
 involuntary context switches. With --after, the window starts 3 s after FILE (a load generator's
 stderr) shows its set-up finished (`PINs: N/N`), so that the set-up's calls are not counted (the
 run must last at least 13 s more).
-How BENCHMARKS.md splits the embedded gateway's CPU between its threads.
+How BENCHMARKS.md splits the embedded gateway's CPU between its threads. (Threads are told apart by
+name only: tokio's blocking-pool threads share its workers' name.)
 """
 import os
 import re
@@ -18,7 +19,11 @@ import time
 
 def snapshot(pid):
     threads = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        sys.exit(f"process {pid} is gone")
+    for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 name = f.read().strip()
@@ -47,15 +52,16 @@ def main():
     pid, seconds = args[0], float(args[1])
     if after:
         done = re.compile(r"PINs: (\d+)/\1(?!\d)")
-        give_up = time.monotonic() + 900
         while not (os.path.exists(after) and done.search(open(after, errors="replace").read())):
-            if time.monotonic() > give_up:
-                sys.exit(f"{after} never showed the set-up finished")
+            if not os.path.exists(f"/proc/{pid}"):
+                sys.exit(f"process {pid} ended before {after} showed the set-up finished")
             time.sleep(0.2)
         time.sleep(3)
+    started = time.monotonic()
     before = snapshot(pid)
     time.sleep(seconds)
     end = snapshot(pid)
+    seconds = time.monotonic() - started
     tick = os.sysconf("SC_CLK_TCK")
     totals = {}
     for tid, (name, ticks, voluntary, involuntary) in end.items():
@@ -65,7 +71,7 @@ def main():
         total[1] += ticks - ticks0
         total[2] += voluntary - voluntary0
         total[3] += involuntary - involuntary0
-    print(f"over {seconds:g} s:")
+    print(f"over {seconds:.2f} s:")
     for name, (count, ticks, voluntary, involuntary) in sorted(totals.items(), key=lambda t: -t[1][1]):
         print(f"  {name:18s} {count:3d} threads  cpu {ticks / tick:6.2f} s  "
               f"switches: voluntary {voluntary:7d}, involuntary {involuntary:6d}")
