@@ -9,12 +9,29 @@ involuntary context switches. With --after, the window starts 3 s after FILE (a 
 stderr) shows its set-up finished (`PINs: N/N`), so that the set-up's calls are not counted (the
 run must last at least 13 s more).
 How BENCHMARKS.md splits the embedded gateway's CPU between its threads. (Threads are told apart by
-name only: tokio's blocking-pool threads share its workers' name.)
+name only: tokio's blocking-pool threads share its workers' name.) A thread that ends within the
+window is missing from the per-name lines; the last line, the whole process's CPU from
+/proc/PID/stat, still counts it.
 """
 import os
 import re
 import sys
 import time
+
+
+def stat_ticks(path):
+    """User + system CPU in clock ticks from a /proc stat file (after the name, which may hold spaces)."""
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def process_ticks(pid):
+    """The whole process's CPU, threads that ended included."""
+    try:
+        return stat_ticks(f"/proc/{pid}/stat")
+    except OSError:
+        sys.exit(f"process {pid} is gone")
 
 
 def snapshot(pid):
@@ -29,11 +46,9 @@ def snapshot(pid):
                 name = f.read().strip()
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            ticks = stat_ticks(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue  # the thread ended meanwhile
-        ticks = int(fields[11]) + int(fields[12])  # utime + stime
         voluntary = int(status["voluntary_ctxt_switches"])
         involuntary = int(status["nonvoluntary_ctxt_switches"])
         threads[tid] = (name, ticks, voluntary, involuntary)
@@ -58,9 +73,9 @@ def main():
             time.sleep(0.2)
         time.sleep(3)
     started = time.monotonic()
-    before = snapshot(pid)
+    before, process_before = snapshot(pid), process_ticks(pid)
     time.sleep(seconds)
-    end = snapshot(pid)
+    end, process_end = snapshot(pid), process_ticks(pid)
     seconds = time.monotonic() - started
     tick = os.sysconf("SC_CLK_TCK")
     totals = {}
@@ -76,6 +91,7 @@ def main():
         print(f"  {name:18s} {count:3d} threads  cpu {ticks / tick:6.2f} s  "
               f"switches: voluntary {voluntary:7d}, involuntary {involuntary:6d}")
     print(f"  {'all':18s} {len(end):3d} threads  cpu {sum(t[1] for t in totals.values()) / tick:6.2f} s")
+    print(f"  {'the process':18s}              cpu {(process_end - process_before) / tick:6.2f} s  (threads that ended included)")
 
 
 if __name__ == "__main__":
